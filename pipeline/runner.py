@@ -1,0 +1,294 @@
+"""A run end to end: validate, list, write the manifest, stream predictions to disk, finish.
+
+``start`` does everything that can fail on bad input before a run folder exists; ``execute``
+does the work and is also how ``resume`` finishes only what is missing.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+
+from . import cluster, runs
+from .errors import UserError
+from .inference import PRECISIONS, build_dataset, plan
+from .labels import LabelMapper, folder_of
+from .models import ModelSpec, describe, ensure_weights
+from .runs import Accuracy, Counts, Manifest, RunParams, RunWriter
+from .sources import SAMPLE_DATA, Listing, Source, list_images, open_source, redact_uri
+
+
+@dataclass
+class RunRequest:
+    data: str = str(SAMPLE_DATA)
+    model: ModelSpec = field(default_factory=ModelSpec)
+    out: str = "runs"
+    batch_size: int = 64
+    concurrency: int | None = None
+    num_gpus: float | None = None
+    limit: int | None = None
+    address: str | None = None
+    s3_endpoint: str | None = None
+    run_id: str | None = None
+    topk: int = 5
+    precision: str = "auto"
+
+
+@dataclass
+class Progress:
+    """What a front end shows while a run goes: counts so far against the total."""
+
+    counts: Counts
+    elapsed_s: float
+    started_s: float | None = None
+
+    @property
+    def rate(self) -> float | None:
+        if self.started_s is None or self.counts.done == 0:
+            return None
+        busy = self.elapsed_s - self.started_s
+        return self.counts.done / busy if busy > 0 else None
+
+    @property
+    def eta_s(self) -> float | None:
+        rate = self.rate
+        return (self.counts.inputs - self.counts.done) / rate if rate else None
+
+
+ProgressCallback = Callable[[Progress], None]
+
+
+def validate(request: RunRequest) -> None:
+    if request.batch_size is None or request.batch_size < 1:
+        raise UserError(f"batch size must be a positive integer, got {request.batch_size}")
+    if request.concurrency is not None and request.concurrency < 1:
+        raise UserError(f"concurrency must be a positive integer, got {request.concurrency}")
+    if request.limit is not None and request.limit < 1:
+        raise UserError(f"limit must be a positive integer, got {request.limit}")
+    if request.num_gpus is not None and request.num_gpus < 0:
+        raise UserError(f"GPUs per actor must be ≥ 0, got {request.num_gpus}")
+    if request.precision not in PRECISIONS:
+        raise UserError(f"precision must be one of {', '.join(PRECISIONS)}")
+    if not 1 <= request.topk <= 20:
+        raise UserError("top-k must be between 1 and 20")
+
+
+def label_inputs(listing: Listing, categories) -> pa.Table:
+    """(path, ground_truth) for every input, ground truth from the parent folder's name."""
+    mapper = LabelMapper(categories)
+    source = listing.source
+    paths, truths = [], []
+    for fs_path in listing.files:
+        folder = folder_of(source.relative(fs_path))
+        paths.append(source.to_uri(fs_path))
+        truths.append(mapper(folder) if folder else None)
+    return pa.table({"path": pa.array(paths, pa.string()), "ground_truth": pa.array(truths, pa.string())})
+
+
+def _check_writable(out: Path) -> None:
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        probe = out / f".write-test-{os.getpid()}"
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as error:
+        raise UserError(f"output folder {out} is not writable: {error.strerror or error}") from error
+
+
+def start(request: RunRequest) -> tuple[Path, Source]:
+    """Validate everything, list the inputs, and create the run folder in state ``running``."""
+    validate(request)
+    info = describe(request.model)
+    source = open_source(request.data, request.s3_endpoint)
+    listing = list_images(source)
+    ensure_weights(info)
+    out = Path(request.out).expanduser()
+    _check_writable(out)
+    if request.limit is not None:
+        listing.files = listing.sample(request.limit)
+    run_id = request.run_id or runs.new_run_id(request.model.display_name)
+    path = runs.run_dir(out, run_id)
+    if path.exists():
+        raise UserError(f"run {run_id} already exists in {out}")
+    path.mkdir()
+    manifest = Manifest(
+        run_id=run_id,
+        dataset=redact_uri(request.data if source.scheme != "file" else source.uri),
+        model={**request.model.to_dict(), "display_name": request.model.display_name, "weights_name": info.weights_name},
+        params=RunParams(
+            request.batch_size, request.concurrency, request.num_gpus, request.limit, request.address, request.s3_endpoint, request.topk, request.precision,
+        ),
+        counts=Counts(inputs=len(listing.files), skipped=listing.skipped),
+    )
+    manifest.claim()
+    runs.atomic_write_table(path / runs.INPUTS, label_inputs(listing, info.categories))
+    runs.write_manifest(path, manifest)
+    return path, source
+
+
+def _done_paths(path: Path) -> set[str]:
+    done = set(runs.read_predictions(path, columns=["path"]).column("path").to_pylist())
+    return done | set(runs.read_errors(path).column("path").to_pylist())
+
+
+def _score(table: pa.Table, accuracy: Accuracy) -> None:
+    truth = table.column("ground_truth")
+    labelled = pc.is_valid(truth)
+    accuracy.labelled += pc.sum(labelled).as_py() or 0
+    accuracy.top1_correct += pc.sum(pc.equal(table.column("label"), truth)).as_py() or 0
+    for gt, topk in zip(truth.to_pylist(), table.column("topk_labels").to_pylist(), strict=True):
+        if gt is not None and gt in topk:
+            accuracy.top5_correct += 1
+
+
+def _restore_accuracy(path: Path) -> Accuracy:
+    accuracy = Accuracy()
+    done = runs.read_predictions(path, columns=["ground_truth", "label", "topk_labels"])
+    if done.num_rows:
+        _score(done, accuracy)
+    return accuracy
+
+
+class StopFlag:
+    """Set by SIGTERM or a cancel request file; checked between batches."""
+
+    def __init__(self, path: Path):
+        self.path = path
+        self.signalled = False
+
+    def __call__(self) -> bool:
+        return self.signalled or runs.cancel_requested(self.path)
+
+    def install(self) -> None:
+        if threading.current_thread() is threading.main_thread():
+            signal.signal(signal.SIGTERM, lambda *_: setattr(self, "signalled", True))
+
+
+def execute(
+    path: Path, on_progress: ProgressCallback | None = None, source: Source | None = None, heartbeat_s: float = 1.0
+) -> Manifest:
+    """Predict every input of the run that has neither a prediction nor an error yet.
+
+    ``source`` carries credentials given in the URI itself; without it the dataset is reopened
+    from the manifest, with keys from the environment.
+    """
+    began = time.monotonic()
+    manifest = runs.read_manifest(path)
+    manifest.status, manifest.reason, manifest.finished_at = "running", None, None
+    manifest.claim()
+    runs.write_manifest(path, manifest)
+    stop = StopFlag(path)
+    stop.install()
+    previous_elapsed = manifest.elapsed_s
+    spec = ModelSpec(**{k: manifest.model[k] for k in ModelSpec.__dataclass_fields__})
+    inputs = pq.read_table(path / runs.INPUTS)
+    done = _done_paths(path)
+    todo = inputs.filter(pc.invert(pc.is_in(inputs.column("path"), pa.array(list(done), pa.string())))) if done else inputs
+    counts = manifest.counts
+    counts.predicted = runs.read_predictions(path, columns=["path"]).num_rows
+    counts.failed = runs.read_errors(path).num_rows
+    manifest.accuracy = _restore_accuracy(path) if done else Accuracy()
+    writer = RunWriter(path)
+    progress = Progress(counts, previous_elapsed)
+
+    def report(force: bool = False) -> None:
+        progress.elapsed_s = previous_elapsed + time.monotonic() - began
+        manifest.elapsed_s = round(progress.elapsed_s, 3)
+        manifest.images_per_s = progress.rate
+        if on_progress:
+            on_progress(progress)
+        if force or time.monotonic() - report.last_write >= heartbeat_s:
+            runs.write_manifest(path, manifest)
+            report.last_write = time.monotonic()
+
+    report.last_write = 0.0
+    seen: set[str] = set()
+    try:
+        report(force=True)
+        if todo.num_rows:
+            source = source or open_source(manifest.dataset, manifest.params.s3_endpoint)
+            info = cluster.connect(manifest.params.address)
+            params = manifest.params
+            work = plan(todo.num_rows, info.cpus, info.gpus, params.batch_size, params.concurrency, params.num_gpus)
+            manifest.device = f"{work.concurrency}× {'GPU' if work.num_gpus else 'CPU'} actor(s) on {info.address}"
+            progress.started_s = progress.elapsed_s
+            dataset = build_dataset(todo, source, spec, work, manifest.params.topk, manifest.params.precision)
+            for batch in dataset.iter_batches(batch_format="pyarrow", batch_size=None, prefetch_batches=1):
+                batch = batch.filter(pc.invert(pc.is_in(batch.column("path"), pa.array(list(seen), pa.string())))) if seen else batch
+                seen.update(batch.column("path").to_pylist())
+                failed = pc.is_valid(batch.column("error"))
+                errors = batch.filter(failed).select(["path", "error"])
+                predictions = batch.filter(pc.invert(failed)).drop_columns(["error"])
+                writer.add(predictions, errors)
+                counts.predicted += predictions.num_rows
+                counts.failed += errors.num_rows
+                _score(predictions, manifest.accuracy)
+                report()
+                if stop():
+                    break
+        writer.flush()
+        missing = counts.inputs - counts.done
+        if stop():
+            manifest.status, manifest.reason = "cancelled", "cancelled by the user"
+        elif missing:
+            manifest.status, manifest.reason = "failed", f"{missing} inputs were not returned by the pipeline; resume the run"
+        else:
+            manifest.status = "complete"
+    except KeyboardInterrupt:
+        writer.flush()
+        manifest.status, manifest.reason = "cancelled", "interrupted from the keyboard"
+    except UserError as error:
+        _flush_quietly(writer)
+        manifest.status, manifest.reason = "failed", str(error)
+        _finish(path, manifest, report)
+        raise
+    except Exception as error:  # noqa: BLE001 - the run records why it failed, then the CLI reports it
+        _flush_quietly(writer)
+        manifest.status, manifest.reason = "failed", f"{type(error).__name__}: {str(error).strip().splitlines()[0] if str(error).strip() else ''}"
+        _finish(path, manifest, report)
+        raise
+    _finish(path, manifest, report)
+    return manifest
+
+
+def _flush_quietly(writer: RunWriter) -> None:
+    """Keep what was done when the run fails; a second failure (disk full) must not hide the first."""
+    try:
+        writer.flush()
+    except OSError:
+        pass
+
+
+def _finish(path: Path, manifest: Manifest, report) -> None:
+    manifest.finished_at = runs.now_iso()
+    try:
+        report(force=True)
+    except OSError:
+        pass  # the folder itself is failing; the caller still sees the status in memory
+
+
+def resume(path: Path, on_progress: ProgressCallback | None = None) -> Manifest:
+    """Finish an interrupted, failed or cancelled run, predicting only what it lacks."""
+    manifest = runs.read_manifest(path)
+    if manifest.status == "running":
+        raise UserError(f"run {manifest.run_id} is still running (pid {manifest.pid} on {manifest.host})")
+    if manifest.status == "complete":
+        raise UserError(f"run {manifest.run_id} is already complete")
+    (path / runs.CANCEL_REQUEST).unlink(missing_ok=True)
+    manifest.resumed += 1
+    runs.write_manifest(path, manifest)
+    return execute(path, on_progress)
+
+
+def run(request: RunRequest, on_progress: ProgressCallback | None = None) -> tuple[Path, Manifest]:
+    path, source = start(request)
+    return path, execute(path, on_progress, source)

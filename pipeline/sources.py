@@ -1,0 +1,157 @@
+"""Where images come from: local folders, ``s3://`` (anonymous or keyed, any S3 endpoint), ``gs://``.
+
+The driver lists every file once, so a run knows its total up front, can account for every
+input, and can resume exactly what is missing. Files are read by path inside Ray tasks through
+the same pyarrow filesystem.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+from dataclasses import dataclass, field
+from pathlib import Path
+from urllib.parse import urlparse
+
+import pyarrow.fs as pafs
+
+from .errors import UserError
+
+IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".gif", ".bmp", ".tif", ".tiff", ".webp"})
+SAMPLE_DATA = Path(__file__).parent / "sample_data" / "imagenette"
+ENDPOINT_ENV = ("AWS_ENDPOINT_URL_S3", "AWS_ENDPOINT_URL")
+
+
+def default_endpoint() -> str | None:
+    """The S3 endpoint from the standard AWS variables, for MinIO/moto/Ceph and other S3 servers."""
+    return next((os.environ[name] for name in ENDPOINT_ENV if os.environ.get(name)), None)
+
+
+@dataclass(frozen=True)
+class Source:
+    """A dataset location, resolved to a pyarrow filesystem and a root path within it."""
+
+    uri: str
+    filesystem: pafs.FileSystem = field(repr=False, compare=False)
+    root: str
+    scheme: str  # "file", "s3" or "gs"
+
+    def to_uri(self, fs_path: str) -> str:
+        """The user-facing form of a file's path (``s3://bucket/key`` or an absolute local path)."""
+        return fs_path if self.scheme == "file" else f"{self.scheme}://{fs_path}"
+
+    def to_fs_path(self, uri: str) -> str:
+        prefix = f"{self.scheme}://"
+        return uri[len(prefix) :] if uri.startswith(prefix) else uri
+
+    def relative(self, fs_path: str) -> str:
+        return fs_path[len(self.root) :].lstrip("/") if fs_path.startswith(self.root) else fs_path
+
+
+def redact_uri(uri: str) -> str:
+    """Drop credentials from a URI (``s3://KEY:SECRET@bucket`` → ``s3://bucket``); keep ``anonymous@``."""
+    parsed = urlparse(uri)
+    if parsed.scheme in ("s3", "gs") and "@" in parsed.netloc:
+        user, _, host = parsed.netloc.rpartition("@")
+        if user != "anonymous":
+            return uri.replace(parsed.netloc, host, 1)
+    return uri
+
+
+def open_source(uri: str, s3_endpoint: str | None = None) -> Source:
+    """Resolve a path or URI to a filesystem; fails with a UserError for unsupported schemes."""
+    uri = (uri or "").strip()
+    if not uri:
+        raise UserError("no dataset given: pass a folder, s3://bucket/prefix or gs://bucket/prefix")
+    parsed = urlparse(uri)
+    if parsed.scheme in ("", "file") or (len(parsed.scheme) == 1 and os.name == "nt"):
+        path = Path(parsed.path if parsed.scheme == "file" else uri).expanduser().resolve()
+        return Source(str(path), pafs.LocalFileSystem(), str(path), "file")
+    if parsed.scheme == "s3":
+        user, _, bucket = parsed.netloc.rpartition("@")
+        if not bucket:
+            raise UserError(f"no bucket in {redact_uri(uri)!r}: use s3://bucket/prefix")
+        options: dict = {}
+        if user == "anonymous":
+            options["anonymous"] = True
+        elif user:
+            key, _, secret = user.partition(":")
+            options.update(access_key=key, secret_key=secret)
+        endpoint = s3_endpoint or default_endpoint()
+        if endpoint:
+            endpoint_url = urlparse(endpoint if "://" in endpoint else f"https://{endpoint}")
+            options.update(endpoint_override=endpoint_url.netloc, scheme=endpoint_url.scheme or "https")
+            options.setdefault("region", os.environ.get("AWS_REGION", "us-east-1"))
+        else:
+            options["region"] = os.environ.get("AWS_REGION") or _bucket_region(bucket)
+        root = f"{bucket}/{parsed.path.strip('/')}".rstrip("/")
+        return Source(redact_uri(uri), pafs.S3FileSystem(**options), root, "s3")
+    if parsed.scheme in ("gs", "gcs"):
+        root = f"{parsed.netloc}/{parsed.path.strip('/')}".rstrip("/")
+        return Source(uri, pafs.GcsFileSystem(), root, "gs")
+    raise UserError(f"unsupported dataset URI scheme {parsed.scheme!r}: use a local folder, s3:// or gs://")
+
+
+def _bucket_region(bucket: str) -> str:
+    try:
+        return pafs.resolve_s3_region(bucket)
+    except OSError:
+        return "us-east-1"
+
+
+@dataclass
+class Listing:
+    """The image files of a source (fs paths, sorted) and how many other files were skipped."""
+
+    source: Source
+    files: list[str]
+    skipped: int
+
+    def sample(self, n: int, seed: int = 0) -> list[str]:
+        """A reproducible random subset, so a small ``--limit`` or preview spans every class."""
+        if n >= len(self.files):
+            return list(self.files)
+        return sorted(random.Random(seed).sample(self.files, n))
+
+
+def is_image(path: str) -> bool:
+    return os.path.splitext(path)[1].lower() in IMAGE_EXTENSIONS
+
+
+def list_images(source: Source) -> Listing:
+    """Recursively list a source; non-images are counted as skipped; errors become UserErrors."""
+    try:
+        info = source.filesystem.get_file_info(source.root)
+    except OSError as error:
+        raise UserError(f"cannot read {source.uri}: {_first_line(error)}") from error
+    if info.type == pafs.FileType.NotFound:
+        raise UserError(f"dataset not found: {source.uri}")
+    if info.type == pafs.FileType.File:
+        if not is_image(source.root):
+            raise UserError(f"{source.uri} is a file but not an image; pass a folder")
+        return Listing(source, [source.root], 0)
+    try:
+        entries = source.filesystem.get_file_info(pafs.FileSelector(source.root, recursive=True))
+    except OSError as error:
+        raise UserError(f"cannot list {source.uri}: {_first_line(error)}") from error
+    files = [entry.path for entry in entries if entry.type == pafs.FileType.File]
+    images = sorted(path for path in files if is_image(path) and not _hidden(source.relative(path)))
+    if not files:
+        raise UserError(f"dataset is empty: {source.uri} has no files")
+    if not images:
+        raise UserError(f"no images in {source.uri} ({len(files)} other files); expected {', '.join(sorted(IMAGE_EXTENSIONS))}")
+    return Listing(source, images, len(files) - len(images))
+
+
+def _hidden(relative: str) -> bool:
+    """Dot-files and dot-folders (``.DS_Store``, ``._IMG.jpg`` from macOS) are not images."""
+    return any(part.startswith(".") for part in relative.split("/"))
+
+
+def _first_line(error: Exception) -> str:
+    return (str(error).strip().splitlines() or [type(error).__name__])[0]
+
+
+def read_bytes(filesystem: pafs.FileSystem, fs_path: str) -> bytes:
+    with filesystem.open_input_stream(fs_path) as stream:
+        return stream.readall()

@@ -1,0 +1,69 @@
+"""Shared fixtures: small real image folders, a temporary torch hub with a real (random) checkpoint."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+SAMPLE = ROOT / "pipeline" / "sample_data" / "imagenette"
+SHARED_VAL = ROOT.parent / "shared" / "data" / "imagenette-val"
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def run_cli(*args: str, env: dict | None = None, timeout: float = 600, cwd: Path | None = None) -> subprocess.CompletedProcess:
+    """``python -m pipeline ARGS`` in a fresh process, as a user would type it."""
+    full_env = {**os.environ, "PYTHONPATH": str(ROOT), **(env or {})}
+    return subprocess.run(
+        [sys.executable, "-m", "pipeline", *args], capture_output=True, text=True, timeout=timeout, env=full_env, cwd=cwd or ROOT
+    )
+
+
+@pytest.fixture
+def small_folder(tmp_path: Path) -> Path:
+    """Three real Imagenette images per class for three classes, in WordNet-id folders."""
+    root = tmp_path / "images"
+    for wnid in sorted(p.name for p in SAMPLE.iterdir())[:3]:
+        (root / wnid).mkdir(parents=True)
+        for image in sorted((SAMPLE / wnid).iterdir())[:3]:
+            shutil.copy(image, root / wnid / image.name)
+    return root
+
+
+@pytest.fixture(scope="session")
+def torch_home(tmp_path_factory) -> Path:
+    """A TORCH_HOME holding resnet18's checkpoint under torchvision's file name, randomly initialised.
+
+    The real loader reads it exactly as it would read downloaded weights.
+    """
+    import torch
+    import torchvision
+
+    from pipeline.models import hub_checkpoint_path
+
+    home = tmp_path_factory.mktemp("torch_home")
+    previous = os.environ.get("TORCH_HOME")
+    os.environ["TORCH_HOME"] = str(home)
+    try:
+        weights = torchvision.models.ResNet18_Weights.IMAGENET1K_V1
+        target = hub_checkpoint_path(weights.url)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        torch.manual_seed(0)
+        torch.save(torchvision.models.resnet18(weights=None).state_dict(), target)
+    finally:
+        if previous is None:
+            os.environ.pop("TORCH_HOME")
+        else:
+            os.environ["TORCH_HOME"] = previous
+    return home

@@ -1,0 +1,80 @@
+import io
+
+import numpy as np
+import pytest
+from PIL import Image
+from torchvision import transforms as T
+
+from pipeline.preprocess import Preprocessing, decode, describe_error, open_rgb
+
+from .conftest import SAMPLE
+
+PREP = Preprocessing(256, 224, (0.5,) * 3, (0.5,) * 3, "bicubic")
+
+
+def encode(image: Image.Image, fmt: str, **options) -> bytes:
+    buffer = io.BytesIO()
+    image.save(buffer, fmt, **options)
+    return buffer.getvalue()
+
+
+def photo() -> Image.Image:
+    return Image.open(next(iter(sorted((SAMPLE / "n01440764").iterdir())))).convert("RGB")
+
+
+@pytest.mark.parametrize("interpolation", ["bilinear", "bicubic"])
+@pytest.mark.parametrize("size", [(224, 224), (640, 480), (300, 1000)])
+def test_matches_torchvision_resize_and_centre_crop(interpolation, size):
+    image = photo().resize(size)
+    prep = Preprocessing(256, 224, (0.5,) * 3, (0.5,) * 3, interpolation)
+    reference = T.Compose([T.Resize(256, interpolation=T.InterpolationMode(interpolation)), T.CenterCrop(224)])(image)
+    ours = decode(encode(image, "PNG"), prep)
+    assert ours.shape == (224, 224, 3) and ours.dtype == np.uint8
+    assert np.abs(ours.astype(int) - np.asarray(reference).astype(int)).mean() < 0.5
+
+
+def test_exif_orientation_is_applied():
+    image = Image.new("RGB", (400, 200), "white")
+    image.paste((255, 0, 0), (0, 0, 200, 200))  # left half red
+    exif = Image.Exif()
+    exif[0x0112] = 6  # rotate 90° clockwise to display
+    upright = open_rgb(encode(image, "JPEG", exif=exif))
+    assert upright.size == (200, 400)
+    top = np.asarray(upright)[:100].mean(axis=(0, 1))
+    assert top[0] > 200 and top[1] < 80  # the red half is now on top
+
+
+@pytest.mark.parametrize(
+    "make",
+    [
+        lambda: photo().convert("L"),
+        lambda: photo().convert("CMYK"),
+        lambda: photo().convert("RGBA"),
+        lambda: photo().convert("P"),
+        lambda: Image.fromarray((np.asarray(photo().convert("L")).astype(np.uint16) * 257)),
+    ],
+    ids=["grayscale", "cmyk", "rgba", "palette", "16-bit"],
+)
+def test_odd_modes_decode_to_rgb(make):
+    image = make()
+    fmt = "JPEG" if image.mode in ("L", "CMYK") else "PNG" if image.mode != "P" else "GIF"
+    out = decode(encode(image, fmt), PREP)
+    assert out.shape == (224, 224, 3)
+    assert 20 < out.mean() < 235  # real content, not black or white
+
+
+def test_sixteen_bit_keeps_contrast():
+    ramp = np.tile(np.linspace(0, 65535, 256, dtype=np.uint16), (256, 1))
+    out = decode(encode(Image.fromarray(ramp), "PNG"), PREP)
+    assert out[:, 0].mean() < 30 and out[:, -1].mean() > 225
+
+
+@pytest.mark.parametrize(
+    "data, reason",
+    [(b"", "empty"), (b"<html>not an image</html>", "not a recognised image"), (encode(photo(), "JPEG")[:2000], "truncated")],
+    ids=["zero-bytes", "html", "truncated"],
+)
+def test_bad_files_raise_readable_errors(data, reason):
+    with pytest.raises(Exception) as caught:
+        decode(data, PREP)
+    assert reason in describe_error(caught.value)
