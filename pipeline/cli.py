@@ -12,7 +12,7 @@ import sys
 import time
 from pathlib import Path
 
-from .errors import UserError
+from .errors import UserError, one_line
 from .models import DEFAULT_MODEL, describe, parse_model, registry
 from .runs import list_runs
 from .sources import SAMPLE_DATA, list_images, open_source
@@ -50,8 +50,14 @@ def non_negative_float(text: str) -> float:
 
 
 def _add_source_options(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--data", default=str(SAMPLE_DATA), help="folder, s3://bucket/prefix or gs://bucket/prefix (default: the embedded Imagenette sample)")
-    parser.add_argument("--s3-endpoint", default=None, help="S3-compatible endpoint URL (default: $AWS_ENDPOINT_URL_S3 or $AWS_ENDPOINT_URL)")
+    parser.add_argument(
+        "--data",
+        default=str(SAMPLE_DATA),
+        help="folder, s3://bucket/prefix or gs://bucket/prefix (default: the embedded Imagenette sample)",
+    )
+    parser.add_argument(
+        "--s3-endpoint", default=None, help="S3-compatible endpoint URL (default: $AWS_ENDPOINT_URL_S3 or $AWS_ENDPOINT_URL)"
+    )
 
 
 def _add_model_options(parser: argparse.ArgumentParser) -> None:
@@ -71,7 +77,9 @@ def build_parser() -> Parser:
     run.add_argument("--out", default="runs", help="runs folder (default: runs/)")
     run.add_argument("--batch-size", type=positive_int, default=64)
     run.add_argument("--concurrency", type=positive_int, default=None, help="model actors (default: one per GPU, or by CPUs)")
-    run.add_argument("--num-gpus", type=non_negative_float, default=None, help="GPUs per actor (default: 1 if the cluster has GPUs, else 0)")
+    run.add_argument(
+        "--num-gpus", type=non_negative_float, default=None, help="GPUs per actor (default: 1 if the cluster has GPUs, else 0)"
+    )
     run.add_argument("--limit", type=positive_int, default=None, help="classify a reproducible random sample of N images")
     run.add_argument("--address", default=None, help="Ray cluster address (default: $RAY_ADDRESS, else a local Ray)")
     run.add_argument("--precision", choices=("auto", "fp32", "bf16"), default="auto")
@@ -128,7 +136,7 @@ class ProgressPrinter:
 def format_duration(seconds: float | None) -> str:
     if seconds is None:
         return "--"
-    seconds = int(round(seconds))
+    seconds = round(seconds)
     hours, rest = divmod(seconds, 3600)
     return f"{hours}:{rest // 60:02d}:{rest % 60:02d}" if hours else f"{rest // 60}:{rest % 60:02d}"
 
@@ -141,9 +149,17 @@ def cmd_run(args) -> int:
     from .runner import RunRequest, run
 
     request = RunRequest(
-        data=args.data, model=_model_spec(args), out=args.out, batch_size=args.batch_size,
-        concurrency=args.concurrency, num_gpus=args.num_gpus, limit=args.limit, address=args.address,
-        s3_endpoint=args.s3_endpoint, run_id=args.run_id, precision=args.precision,
+        data=args.data,
+        model=_model_spec(args),
+        out=args.out,
+        batch_size=args.batch_size,
+        concurrency=args.concurrency,
+        num_gpus=args.num_gpus,
+        limit=args.limit,
+        address=args.address,
+        s3_endpoint=args.s3_endpoint,
+        run_id=args.run_id,
+        precision=args.precision,
     )
     path, manifest = run(request, ProgressPrinter())
     return _report(path, manifest)
@@ -208,7 +224,8 @@ def cmd_runs(args) -> int:
         return 0
     for path, manifest in found:
         top1 = f"{manifest.accuracy.top1:.1%}" if manifest.accuracy.top1 is not None else "-"
-        print(f"{manifest.run_id}  {manifest.status:<11}  {manifest.counts.done}/{manifest.counts.inputs}  top-1 {top1:>6}  {manifest.model.get('display_name')}  {path}")
+        progress = f"{manifest.counts.done}/{manifest.counts.inputs}"
+        print(f"{manifest.run_id}  {manifest.status:<11}  {progress}  top-1 {top1:>6}  {manifest.model['display_name']}  {path}")
     return 0
 
 
@@ -225,8 +242,8 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
-    except Exception as error:  # noqa: BLE001 - one line for users; PIPELINE_DEBUG=1 shows the traceback
+    except Exception as error:
         if os.environ.get("PIPELINE_DEBUG"):
             raise
-        print(f"internal error: {type(error).__name__}: {str(error).strip().splitlines()[0] if str(error).strip() else ''} (set PIPELINE_DEBUG=1 for details)", file=sys.stderr)
+        print(f"internal error: {type(error).__name__}: {one_line(error)} (set PIPELINE_DEBUG=1 for details)", file=sys.stderr)
         return 1

@@ -4,10 +4,13 @@ from __future__ import annotations
 
 import logging
 import os
+import sys
+import tempfile
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
-from .errors import UserError
+from .errors import UserError, one_line
 
 LOCAL = "local"
 
@@ -37,10 +40,16 @@ def connect(address: str | None = None) -> ClusterInfo:
         else:
             # Workers on a cluster do not have this checkout: ship the package with the job.
             options["runtime_env"] = {"py_modules": [str(Path(__file__).parent)], "excludes": ["sample_data/"]}
-        try:
-            ray.init(address=address, **options)
-        except Exception as error:  # noqa: BLE001 - connection, auth and address errors all mean "fix the address"
-            raise UserError(f"cannot connect to the Ray cluster at {address!r}: {_one_line(error)}{_auth_hint(error)}") from error
+        with _native_stderr_captured() as captured:
+            try:
+                ray.init(address=address, **options)
+            except Exception as error:
+                failure = error
+            else:
+                failure = None
+        if failure is not None:
+            hint = _auth_hint(f"{type(failure).__name__} {failure} {''.join(captured)}")
+            raise UserError(f"cannot connect to the Ray cluster at {address!r}: {one_line(failure)}{hint}") from failure
     context = ray.data.DataContext.get_current()
     context.enable_progress_bars = False
     context.print_on_execution_start = False
@@ -56,12 +65,25 @@ def disconnect() -> None:
         ray.shutdown()
 
 
-def _one_line(error: Exception) -> str:
-    text = str(error).strip().splitlines()
-    return text[0][:300] if text else type(error).__name__
+@contextmanager
+def _native_stderr_captured():
+    """Ray's C++ client logs retries straight to file descriptor 2; keep them for the error message."""
+    sys.stderr.flush()
+    saved = os.dup(2)
+    captured: list[str] = []
+    with tempfile.TemporaryFile(mode="w+") as sink:
+        os.dup2(sink.fileno(), 2)
+        try:
+            yield captured
+        finally:
+            sys.stderr.flush()
+            os.dup2(saved, 2)
+            os.close(saved)
+            sink.seek(0)
+            captured.append(sink.read())
 
 
-def _auth_hint(error: Exception) -> str:
-    if "auth" in f"{type(error).__name__} {error}".lower():
+def _auth_hint(text: str) -> str:
+    if "auth" in text.lower():
         return " (the cluster uses token authentication: set RAY_AUTH_MODE=token and RAY_AUTH_TOKEN, or ~/.ray/auth_token)"
     return ""

@@ -3,3 +3,9 @@
 
 class UserError(Exception):
     """Bad input or environment: the CLI exits 2 and the dashboard shows ``st.error`` with this text."""
+
+
+def one_line(error: BaseException, limit: int = 300) -> str:
+    """The first line of an exception's message (or its type), for one-line reports."""
+    lines = str(error).strip().splitlines()
+    return lines[0][:limit] if lines else type(error).__name__

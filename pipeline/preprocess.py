@@ -75,8 +75,8 @@ def resize_crop(image: Image.Image, prep: Preprocessing) -> np.ndarray:
         new_w, new_h = prep.resize, int(prep.resize * height / width)
     else:
         new_w, new_h = int(prep.resize * width / height), prep.resize
-    top = int(round((new_h - prep.crop) / 2.0))
-    left = int(round((new_w - prep.crop) / 2.0))
+    top = round((new_h - prep.crop) / 2.0)
+    left = round((new_w - prep.crop) / 2.0)
     sx, sy = width / new_w, height / new_h
     box = (left * sx, top * sy, (left + prep.crop) * sx, (top + prep.crop) * sy)
     resample = RESAMPLING[prep.interpolation]

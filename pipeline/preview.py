@@ -63,7 +63,7 @@ def preview(listing: Listing, classifier: Classifier, n: int = 10, seed: int = 0
             crops.append(resize_crop(image, classifier.preprocessing))
             image.thumbnail((THUMBNAIL, THUMBNAIL))
             row.thumbnail = image
-        except Exception as error:  # noqa: BLE001 - shown for that one image
+        except Exception as error:
             row.error = describe_error(error)
         rows.append(row)
     good = [row for row in rows if row.error is None]

@@ -6,6 +6,7 @@ does the work and is also how ``resume`` finishes only what is missing.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import threading
@@ -19,7 +20,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from . import cluster, runs
-from .errors import UserError
+from .errors import UserError, one_line
 from .inference import PRECISIONS, build_dataset, plan
 from .labels import LabelMapper, folder_of
 from .models import ModelSpec, describe, ensure_weights
@@ -115,6 +116,8 @@ def start(request: RunRequest) -> tuple[Path, Source]:
     _check_writable(out)
     if request.limit is not None:
         listing.files = listing.sample(request.limit)
+    resources = cluster.connect(request.address)
+    plan(len(listing.files), resources.cpus, resources.gpus, request.batch_size, request.concurrency, request.num_gpus)
     run_id = request.run_id or runs.new_run_id(request.model.display_name)
     path = runs.run_dir(out, run_id)
     if path.exists():
@@ -125,7 +128,14 @@ def start(request: RunRequest) -> tuple[Path, Source]:
         dataset=redact_uri(request.data if source.scheme != "file" else source.uri),
         model={**request.model.to_dict(), "display_name": request.model.display_name, "weights_name": info.weights_name},
         params=RunParams(
-            request.batch_size, request.concurrency, request.num_gpus, request.limit, request.address, request.s3_endpoint, request.topk, request.precision,
+            request.batch_size,
+            request.concurrency,
+            request.num_gpus,
+            request.limit,
+            request.address,
+            request.s3_endpoint,
+            request.topk,
+            request.precision,
         ),
         counts=Counts(inputs=len(listing.files), skipped=listing.skipped),
     )
@@ -173,9 +183,7 @@ class StopFlag:
             signal.signal(signal.SIGTERM, lambda *_: setattr(self, "signalled", True))
 
 
-def execute(
-    path: Path, on_progress: ProgressCallback | None = None, source: Source | None = None, heartbeat_s: float = 1.0
-) -> Manifest:
+def execute(path: Path, on_progress: ProgressCallback | None = None, source: Source | None = None, heartbeat_s: float = 1.0) -> Manifest:
     """Predict every input of the run that has neither a prediction nor an error yet.
 
     ``source`` carries credentials given in the URI itself; without it the dataset is reopened
@@ -251,9 +259,9 @@ def execute(
         manifest.status, manifest.reason = "failed", str(error)
         _finish(path, manifest, report)
         raise
-    except Exception as error:  # noqa: BLE001 - the run records why it failed, then the CLI reports it
+    except Exception as error:
         _flush_quietly(writer)
-        manifest.status, manifest.reason = "failed", f"{type(error).__name__}: {str(error).strip().splitlines()[0] if str(error).strip() else ''}"
+        manifest.status, manifest.reason = "failed", f"{type(error).__name__}: {one_line(error)}"
         _finish(path, manifest, report)
         raise
     _finish(path, manifest, report)
@@ -262,18 +270,14 @@ def execute(
 
 def _flush_quietly(writer: RunWriter) -> None:
     """Keep what was done when the run fails; a second failure (disk full) must not hide the first."""
-    try:
+    with contextlib.suppress(OSError):
         writer.flush()
-    except OSError:
-        pass
 
 
 def _finish(path: Path, manifest: Manifest, report) -> None:
     manifest.finished_at = runs.now_iso()
-    try:
+    with contextlib.suppress(OSError):  # the folder itself is failing; the caller still sees the status
         report(force=True)
-    except OSError:
-        pass  # the folder itself is failing; the caller still sees the status in memory
 
 
 def resume(path: Path, on_progress: ProgressCallback | None = None) -> Manifest:

@@ -8,6 +8,7 @@ prediction part and the errors file are in place. A run whose process died is se
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
@@ -194,10 +195,8 @@ def read_manifest(path: str | Path) -> Manifest:
     if manifest.status == "running" and not _owner_alive(manifest):
         manifest.status = "interrupted"
         manifest.reason = manifest.reason or "the run's process stopped before it finished"
-        try:
+        with contextlib.suppress(OSError):  # a read-only runs folder still reports the right status
             write_manifest(path, manifest)
-        except OSError:
-            pass  # a read-only runs folder still reports the right status
     return manifest
 
 

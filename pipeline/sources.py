@@ -15,7 +15,7 @@ from urllib.parse import urlparse
 
 import pyarrow.fs as pafs
 
-from .errors import UserError
+from .errors import UserError, one_line
 
 IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".gif", ".bmp", ".tif", ".tiff", ".webp"})
 SAMPLE_DATA = Path(__file__).parent / "sample_data" / "imagenette"
@@ -123,7 +123,7 @@ def list_images(source: Source) -> Listing:
     try:
         info = source.filesystem.get_file_info(source.root)
     except OSError as error:
-        raise UserError(f"cannot read {source.uri}: {_first_line(error)}") from error
+        raise UserError(f"cannot read {source.uri}: {one_line(error)}") from error
     if info.type == pafs.FileType.NotFound:
         raise UserError(f"dataset not found: {source.uri}")
     if info.type == pafs.FileType.File:
@@ -133,7 +133,7 @@ def list_images(source: Source) -> Listing:
     try:
         entries = source.filesystem.get_file_info(pafs.FileSelector(source.root, recursive=True))
     except OSError as error:
-        raise UserError(f"cannot list {source.uri}: {_first_line(error)}") from error
+        raise UserError(f"cannot list {source.uri}: {one_line(error)}") from error
     files = [entry.path for entry in entries if entry.type == pafs.FileType.File]
     images = sorted(path for path in files if is_image(path) and not _hidden(source.relative(path)))
     if not files:
@@ -146,10 +146,6 @@ def list_images(source: Source) -> Listing:
 def _hidden(relative: str) -> bool:
     """Dot-files and dot-folders (``.DS_Store``, ``._IMG.jpg`` from macOS) are not images."""
     return any(part.startswith(".") for part in relative.split("/"))
-
-
-def _first_line(error: Exception) -> str:
-    return (str(error).strip().splitlines() or [type(error).__name__])[0]
 
 
 def read_bytes(filesystem: pafs.FileSystem, fs_path: str) -> bytes:

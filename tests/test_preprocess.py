@@ -51,7 +51,7 @@ def test_exif_orientation_is_applied():
         lambda: photo().convert("CMYK"),
         lambda: photo().convert("RGBA"),
         lambda: photo().convert("P"),
-        lambda: Image.fromarray((np.asarray(photo().convert("L")).astype(np.uint16) * 257)),
+        lambda: Image.fromarray(np.asarray(photo().convert("L")).astype(np.uint16) * 257),
     ],
     ids=["grayscale", "cmyk", "rgba", "palette", "16-bit"],
 )

@@ -1,0 +1,60 @@
+"""The CLI as a user runs it: a fresh process each time, exit codes and what it prints."""
+
+import json
+from pathlib import Path
+
+import pytest
+
+from .conftest import run_cli
+
+
+def test_run_prints_progress_and_the_run_folder_last(small_folder, tmp_path):
+    result = run_cli("run", "--data", str(small_folder), "--out", str(tmp_path / "runs"), "--batch-size", "4")
+    assert result.returncode == 0, result.stderr
+    run_dir = Path(result.stdout.strip().splitlines()[-1])
+    assert run_dir.parent == tmp_path / "runs" and (run_dir / "manifest.json").is_file()
+    assert "9/9" in result.stderr and "img/s" in result.stderr and "ETA" in result.stderr
+    assert "Traceback" not in result.stderr
+    manifest = json.loads((run_dir / "manifest.json").read_text())
+    assert manifest["status"] == "complete" and manifest["counts"]["predicted"] == 9
+
+
+def test_preview_prints_a_table_with_top5(small_folder):
+    result = run_cli("preview", "--data", str(small_folder), "-n", "4", "--seed", "1")
+    assert result.returncode == 0, result.stderr
+    lines = result.stdout.strip().splitlines()
+    assert lines[0].split()[:3] == ["path", "ground", "truth"] and len(lines) == 5
+    assert all(line.count("(") >= 5 for line in lines[1:])  # five labels with scores each
+
+
+def test_models_lists_the_embedded_default_as_offline():
+    result = run_cli("models")
+    assert result.returncode == 0
+    first = result.stdout.splitlines()[1].split()
+    assert first[0] == "efficientnet_lite0" and "yes" in first
+    assert any(line.startswith("resnet152 ") for line in result.stdout.splitlines())
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["run", "--data", "/no/such/folder"], "dataset not found"),
+        (["run", "--model", "resnet9000"], "unknown model"),
+        (["run", "--batch-size", "0"], "positive integer"),
+        (["run", "--batch-size", "-3"], "positive integer"),
+        (["run", "--concurrency", "abc"], "whole number"),
+        (["preview", "--data", "s3://"], "no bucket"),
+        (["frobnicate"], "invalid choice"),
+        (["resume", "/no/such/run"], "not a run folder"),
+    ],
+)
+def test_bad_input_exits_2_with_one_line(args, message):
+    result = run_cli(*args)
+    assert result.returncode == 2, (result.stdout, result.stderr)
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: ") and message in lines[0], result.stderr
+
+
+def test_empty_folder_exits_2(tmp_path):
+    result = run_cli("run", "--data", str(tmp_path), "--out", str(tmp_path / "runs"))
+    assert result.returncode == 2 and "is empty" in result.stderr

