@@ -7,6 +7,8 @@ arguments or inputs (one line on stderr), 1 internal failure.
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import json
 import os
 import sys
 import time
@@ -14,7 +16,7 @@ from pathlib import Path
 
 from .errors import UserError, one_line
 from .models import DEFAULT_MODEL, describe, parse_model, registry
-from .runs import list_runs
+from .runs import format_duration, list_runs
 from .sources import SAMPLE_DATA, list_images, open_source
 
 
@@ -96,6 +98,9 @@ def build_parser() -> Parser:
 
     commands.add_parser("models", help="list models and whether their weights are available offline")
 
+    cluster = commands.add_parser("cluster", help="connect to the Ray cluster and print its CPUs and GPUs as JSON")
+    cluster.add_argument("--address", default=None, help="Ray cluster address (default: $RAY_ADDRESS, else a local Ray)")
+
     runs = commands.add_parser("runs", help="list the runs in a runs folder")
     runs.add_argument("--out", default="runs")
     return parser
@@ -131,14 +136,6 @@ class ProgressPrinter:
         else:
             self.stream.write(text + "\n")
         self.stream.flush()
-
-
-def format_duration(seconds: float | None) -> str:
-    if seconds is None:
-        return "--"
-    seconds = round(seconds)
-    hours, rest = divmod(seconds, 3600)
-    return f"{hours}:{rest // 60:02d}:{rest % 60:02d}" if hours else f"{rest // 60}:{rest % 60:02d}"
 
 
 def _model_spec(args):
@@ -229,7 +226,15 @@ def cmd_runs(args) -> int:
     return 0
 
 
-COMMANDS = {"run": cmd_run, "resume": cmd_resume, "preview": cmd_preview, "models": cmd_models, "runs": cmd_runs}
+def cmd_cluster(args) -> int:
+    from .cluster import connect
+
+    info = connect(args.address)
+    print(json.dumps(dataclasses.asdict(info)))
+    return 0
+
+
+COMMANDS = {"cluster": cmd_cluster, "run": cmd_run, "resume": cmd_resume, "preview": cmd_preview, "models": cmd_models, "runs": cmd_runs}
 
 
 def main(argv: list[str] | None = None) -> int:

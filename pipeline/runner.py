@@ -23,7 +23,7 @@ from . import cluster, runs
 from .errors import UserError, one_line
 from .inference import PRECISIONS, build_dataset, plan
 from .labels import LabelMapper, folder_of
-from .models import ModelSpec, describe, ensure_weights
+from .models import ModelInfo, ModelSpec, describe, ensure_weights
 from .runs import Accuracy, Counts, Manifest, RunParams, RunWriter
 from .sources import SAMPLE_DATA, Listing, Source, list_images, open_source, redact_uri
 
@@ -105,15 +105,30 @@ def _check_writable(out: Path) -> None:
         raise UserError(f"output folder {out} is not writable: {error.strerror or error}") from error
 
 
-def start(request: RunRequest) -> tuple[Path, Source]:
-    """Validate everything, list the inputs, and create the run folder in state ``running``."""
+@dataclass
+class Checked:
+    info: ModelInfo
+    source: Source
+    listing: Listing
+    out: Path
+
+
+def check(request: RunRequest) -> Checked:
+    """Everything about a request that can be wrong, checked before any run folder exists."""
     validate(request)
     info = describe(request.model)
     source = open_source(request.data, request.s3_endpoint)
     listing = list_images(source)
     ensure_weights(info)
-    out = Path(request.out).expanduser()
+    out = Path(request.out).expanduser().resolve()
     _check_writable(out)
+    return Checked(info, source, listing, out)
+
+
+def start(request: RunRequest) -> tuple[Path, Source]:
+    """Check the request, list the inputs, and create the run folder in state ``running``."""
+    checked = check(request)
+    info, source, listing, out = checked.info, checked.source, checked.listing, checked.out
     if request.limit is not None:
         listing.files = listing.sample(request.limit)
     resources = cluster.connect(request.address)

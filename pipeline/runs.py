@@ -138,6 +138,14 @@ class Manifest:
         self.pid, self.pid_started, self.host = me.pid, me.create_time(), socket.gethostname()
 
 
+def format_duration(seconds: float | None) -> str:
+    if seconds is None:
+        return "--"
+    seconds = round(seconds)
+    hours, rest = divmod(seconds, 3600)
+    return f"{hours}:{rest // 60:02d}:{rest % 60:02d}" if hours else f"{rest // 60}:{rest % 60:02d}"
+
+
 def new_run_id(model_name: str) -> str:
     stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
     safe = re.sub(r"[^A-Za-z0-9]+", "-", model_name).strip("-")[:40]

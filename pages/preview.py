@@ -1,0 +1,67 @@
+"""Preview: a seeded sample through the model in this process, shown as a grid of labelled photos."""
+
+import streamlit as st
+
+from pages import widgets
+from pipeline.errors import UserError
+from pipeline.models import parse_model
+from pipeline.preview import preview
+
+COLUMNS = 4
+
+settings = widgets.current_settings()
+st.title("Preview")
+st.caption("A sample of the dataset through the model, right here — nothing is saved.")
+
+left, middle, right = st.columns([3, 1, 1], vertical_alignment="bottom")
+n = left.slider("Images", 1, 64, 16)
+seed = middle.number_input("Seed", min_value=0, value=0, step=1)
+go = right.button("Classify sample", type="primary", use_container_width=True)
+show_topk = st.toggle("Show top-5 for every image", value=False)
+
+key = (settings.data, settings.model, n, int(seed))
+if go or st.session_state.get("preview_key") != key:
+    problem = widgets.dataset_problem(settings.data) or widgets.model_error(settings.model)
+    if problem:
+        st.error(problem)
+        st.stop()
+    try:
+        classifier = widgets.cached_classifier(parse_model(settings.model))
+        with st.spinner("Classifying…"):
+            result = preview(widgets.cached_listing(settings.data), classifier, n=n, seed=int(seed))
+    except UserError as error:
+        st.error(str(error))
+        st.stop()
+    st.session_state.update(preview_key=key, preview_result=result)
+
+result = st.session_state["preview_result"]
+rows = result.rows
+judged = [row.correct for row in rows if row.correct is not None]
+summary = f"{len(rows)} images in {result.seconds:.2f} s"
+if judged:
+    summary += f" · {sum(judged)}/{len(judged)} correct"
+st.caption(summary)
+
+for start in range(0, len(rows), COLUMNS):
+    for column, row in zip(st.columns(COLUMNS), rows[start : start + COLUMNS], strict=False):
+        with column.container(border=True):
+            if row.thumbnail is not None:
+                st.image(row.thumbnail, use_container_width=True)
+            if row.error:
+                st.error(f"{row.relative}: {row.error}")
+                continue
+            mark = {True: ":green[:material/check_circle:]", False: ":red[:material/cancel:]", None: ":gray[:material/help:]"}[row.correct]
+            st.markdown(f"{mark} **{row.label}** · {row.score:.0%}")
+            st.caption(f"truth: {row.ground_truth}" if row.ground_truth else "no ground truth")
+            if show_topk:
+                st.dataframe(
+                    {"label": [label for label, _ in row.topk], "score": [score for _, score in row.topk]},
+                    hide_index=True,
+                    column_config={"score": st.column_config.ProgressColumn("score", min_value=0.0, max_value=1.0, format="%.2f")},
+                    use_container_width=True,
+                )
+            else:
+                with st.popover("Top-5", use_container_width=True):
+                    for label, score in row.topk:
+                        st.progress(score, text=f"{label} · {score:.1%}")
+            st.caption(row.relative)

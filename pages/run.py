@@ -1,0 +1,152 @@
+"""Run: launch a full-dataset run as its own process, watch it live, cancel or resume it, list all runs."""
+
+from pathlib import Path
+
+import pandas as pd
+import streamlit as st
+
+from pages import widgets
+from pipeline import launcher, runs
+from pipeline.errors import UserError
+from pipeline.metrics import label_distribution
+from pipeline.models import parse_model
+from pipeline.runner import RunRequest
+from pipeline.runs import format_duration
+
+settings = widgets.current_settings()
+root = widgets.runs_root(settings)
+st.title("Run")
+
+try:
+    resources = widgets.cluster_resources(settings.address)
+except UserError as error:
+    resources = None
+    st.error(f"{error}. Check the Ray cluster address in the sidebar (or use `local`).")
+
+with st.form("launch"):
+    st.markdown(f"**{settings.model}** on `{settings.data}`")
+    c1, c2, c3, c4 = st.columns(4)
+    batch_size = c1.number_input("Batch size", min_value=1, max_value=4096, value=64, step=8)
+    concurrency = c2.number_input("Concurrency (model actors; 0 = auto)", min_value=0, max_value=256, value=0, step=1)
+    has_gpu = bool(resources and resources["gpus"] >= 1)
+    num_gpus = c3.number_input(
+        "GPUs per actor", min_value=0.0, max_value=8.0, value=1.0 if has_gpu else 0.0, step=0.25, disabled=not has_gpu
+    )
+    limit = c4.number_input("Limit (0 = all images)", min_value=0, value=0, step=100)
+    if resources:
+        note = f"Cluster: {resources['cpus']:g} CPUs, {resources['gpus']:g} GPUs."
+        st.caption(note + ("" if has_gpu else " No GPU in this cluster, so the model runs on CPUs."))
+    submitted = st.form_submit_button("Start run", type="primary", disabled=resources is None)
+
+if submitted:
+    problem = widgets.dataset_problem(settings.data) or widgets.model_error(settings.model)
+    if problem:
+        st.error(problem)
+    else:
+        request = RunRequest(
+            data=settings.data,
+            model=parse_model(settings.model),
+            out=settings.out,
+            batch_size=int(batch_size),
+            concurrency=int(concurrency) or None,
+            num_gpus=float(num_gpus) if has_gpu else None,
+            limit=int(limit) or None,
+            address=settings.address_or_none,
+        )
+        try:
+            launched = launcher.launch_run(request)
+        except UserError as error:
+            st.error(str(error))
+        else:
+            st.session_state["watch_run"] = launched.run_id
+            st.toast(f"Run {launched.run_id} started")
+
+
+@st.fragment(run_every=1.0)
+def live_view(run_id: str) -> None:
+    """Progress of one run, re-read from its folder every second: the page holds no state of the run."""
+    path = runs.run_dir(root, run_id)
+    if not (path / runs.MANIFEST).is_file():
+        failure = launcher.launch_failure(root, run_id)
+        if failure:
+            st.error(f"Run {run_id} could not start: {failure}")
+        else:
+            st.info(f"Starting {run_id}: connecting to Ray and listing images…")
+        return
+    manifest = runs.read_manifest(path)
+    counts = manifest.counts
+    st.subheader(f"{widgets.status_badge(manifest.status)} {run_id}")
+    fraction = counts.done / counts.inputs if counts.inputs else 0.0
+    st.progress(min(fraction, 1.0), text=f"{counts.done:,} / {counts.inputs:,} images ({fraction:.0%})")
+    m1, m2, m3, m4, m5 = st.columns(5)
+    rate = manifest.images_per_s
+    m1.metric("Images/s", f"{rate:.1f}" if rate else "–")
+    remaining = (counts.inputs - counts.done) / rate if rate and manifest.status == "running" else None
+    m2.metric("ETA", format_duration(remaining) if remaining is not None else "–")
+    m3.metric("Elapsed", format_duration(manifest.elapsed_s))
+    m4.metric("Failed", f"{counts.failed:,}")
+    m5.metric("Top-1 so far", widgets.percent(manifest.accuracy.top1))
+    if manifest.reason and manifest.status != "complete":
+        (st.warning if manifest.status in ("cancelled", "interrupted") else st.error)(manifest.reason)
+    buttons = st.columns([1, 1, 4])
+    if manifest.status == "running" and buttons[0].button("Cancel", key=f"cancel-{run_id}"):
+        runs.request_cancel(path)
+        st.toast("Cancelling after the batch in flight…")
+    if manifest.status in ("interrupted", "failed", "cancelled") and buttons[0].button("Resume", key=f"resume-{run_id}"):
+        try:
+            launcher.launch_resume(path)
+            st.toast("Resuming: only the missing images will be classified")
+        except UserError as error:
+            st.error(str(error))
+    buttons[1].page_link("pages/analytics.py", label="Open in Analytics", query_params={"run": run_id}, icon=":material/insights:")
+    labels = runs.read_predictions(path, columns=["label"]).column("label").to_pandas()
+    if len(labels):
+        figure = widgets.label_bar(label_distribution(labels, top_n=15), "Predicted labels so far", height=420)
+        st.plotly_chart(figure, use_container_width=True, key=f"live-{run_id}")
+
+
+all_runs = widgets.runs_in(settings)
+watched = st.session_state.get("watch_run") or next((m.run_id for _, m in all_runs if m.status == "running"), None)
+if watched is None and all_runs:
+    watched = all_runs[0][1].run_id
+if watched:
+    live_view(watched)
+
+st.subheader("All runs")
+if not all_runs:
+    st.info(f"No runs in {root} yet.")
+else:
+    table = pd.DataFrame(
+        [
+            {
+                "run": manifest.run_id,
+                "status": manifest.status,
+                "model": manifest.model.get("display_name"),
+                "dataset": manifest.dataset,
+                "predicted": manifest.counts.predicted,
+                "failed": manifest.counts.failed,
+                "inputs": manifest.counts.inputs,
+                "top-1": manifest.accuracy.top1,
+                "duration": format_duration(manifest.elapsed_s),
+                "img/s": manifest.images_per_s,
+                "started": manifest.created_at.replace("T", " ")[:19],
+                "analytics": f"/analytics?run={manifest.run_id}",
+                "folder": str(Path(path)),
+            }
+            for path, manifest in all_runs
+        ]
+    )
+    st.dataframe(
+        table,
+        hide_index=True,
+        use_container_width=True,
+        column_config={
+            "top-1": st.column_config.NumberColumn(format="percent"),
+            "img/s": st.column_config.NumberColumn(format="%.1f"),
+            "analytics": st.column_config.LinkColumn("open", display_text="Analytics"),
+        },
+    )
+    watch = st.selectbox("Watch a run", [m.run_id for _, m in all_runs], index=None, placeholder="Pick a run to watch")
+    if watch and watch != st.session_state.get("watch_run"):
+        st.session_state["watch_run"] = watch
+        st.rerun()

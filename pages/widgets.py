@@ -1,0 +1,214 @@
+"""What every page shares: the sidebar settings, cached model and listings, thumbnails, formatting."""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import subprocess
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import pandas as pd
+import plotly.express as px
+import plotly.graph_objects as go
+import streamlit as st
+
+from pipeline import runs
+from pipeline.cluster import LOCAL
+from pipeline.errors import UserError, one_line
+from pipeline.inference import Classifier
+from pipeline.models import DEFAULT_MODEL, ModelSpec, describe, ensure_weights, parse_model, registry
+from pipeline.preprocess import open_rgb
+from pipeline.sources import SAMPLE_DATA, Listing, list_images, open_source, read_bytes
+
+ROOT = Path(__file__).resolve().parent.parent
+DEFAULTS = {
+    "data": os.environ.get("DASHBOARD_DATA", str(SAMPLE_DATA)),
+    "model": DEFAULT_MODEL,
+    "address": os.environ.get("RAY_ADDRESS", LOCAL),
+    "out": os.environ.get("DASHBOARD_RUNS_DIR", str(ROOT / "runs")),
+}
+ALLOWED_ROOTS_ENV = "DASHBOARD_DATA_ROOTS"
+STATUS_BADGES = {
+    "running": ":blue[:material/autorenew: running]",
+    "complete": ":green[:material/check_circle: complete]",
+    "failed": ":red[:material/error: failed]",
+    "cancelled": ":gray[:material/block: cancelled]",
+    "interrupted": ":orange[:material/warning: interrupted]",
+}
+
+
+@dataclass(frozen=True)
+class Settings:
+    data: str
+    model: str
+    address: str
+    out: str
+
+    @property
+    def address_or_none(self) -> str | None:
+        return None if self.address in ("", LOCAL) else self.address
+
+
+def _init_state() -> None:
+    for key, value in DEFAULTS.items():
+        st.session_state.setdefault(f"setting_{key}", value)
+
+
+@st.cache_data(show_spinner=False)
+def model_choices() -> dict[str, str]:
+    """Model name → label for the picker, with offline availability marked."""
+    return {e.name: f"{e.name}{'' if e.available_offline else '  (needs download)'}" for e in registry()}
+
+
+def sidebar_settings() -> Settings:
+    """The shared settings, kept in session state across pages, each validated where it is wrong."""
+    _init_state()
+    with st.sidebar:
+        st.subheader("Settings")
+        st.text_input("Dataset", key="setting_data", help="Folder, s3://bucket/prefix or gs://bucket/prefix")
+        choices = model_choices()
+        st.selectbox("Model", list(choices), key="setting_model", format_func=choices.get)
+        st.text_input("Ray cluster", key="setting_address", help="`local`, or an address such as 10.0.0.5:6379")
+        st.text_input("Output folder", key="setting_out")
+        settings = current_settings()
+        problem = dataset_problem(settings.data)
+        if problem:
+            st.error(problem)
+        else:
+            listing = cached_listing(settings.data)
+            st.caption(f"{len(listing.files):,} images" + (f", {listing.skipped:,} other files skipped" if listing.skipped else ""))
+        model_problem = model_error(settings.model)
+        if model_problem:
+            st.error(model_problem)
+    return settings
+
+
+def _leave_legacy_multipage_mode() -> None:
+    """Streamlit runs a ``pages/`` folder as an old-style multipage app until some session has run
+    ``app.py`` (which calls ``st.navigation``); a first visit straight to ``/run`` would otherwise get
+    the page without the app around it. Switch the server to ``st.navigation`` and run again."""
+    from streamlit.runtime.pages_manager import PagesManager
+
+    if PagesManager.uses_pages_directory:
+        PagesManager.uses_pages_directory = False
+        st.rerun()
+
+
+def current_settings() -> Settings:
+    _leave_legacy_multipage_mode()
+    _init_state()
+    return Settings(*(str(st.session_state[f"setting_{key}"]).strip() for key in ("data", "model", "address", "out")))
+
+
+def allowed_roots() -> list[Path]:
+    """Local folders the dashboard may read, from ``DASHBOARD_DATA_ROOTS`` (os.pathsep-separated); empty = any."""
+    raw = os.environ.get(ALLOWED_ROOTS_ENV, "")
+    return [Path(p).expanduser().resolve() for p in raw.split(os.pathsep) if p.strip()]
+
+
+def check_allowed(data: str) -> None:
+    roots = allowed_roots()
+    if not roots or "://" in data:
+        return
+    path = Path(data).expanduser().resolve()
+    if not any(path == root or root in path.parents for root in [*roots, SAMPLE_DATA.resolve()]):
+        raise UserError(f"{data} is outside the folders this dashboard may read ({ALLOWED_ROOTS_ENV})")
+
+
+@st.cache_resource(show_spinner="Listing images…", ttl=60, max_entries=8)
+def cached_listing(data: str) -> Listing:
+    check_allowed(data)
+    return list_images(open_source(data))
+
+
+def dataset_problem(data: str) -> str | None:
+    """One line saying what is wrong with a dataset URI, or None."""
+    try:
+        cached_listing(data)
+    except UserError as error:
+        return f"{error}. Enter a folder with images, or s3://bucket/prefix."
+    return None
+
+
+def model_error(name: str) -> str | None:
+    try:
+        ensure_weights(describe(parse_model(name)))
+    except UserError as error:
+        return str(error)
+    return None
+
+
+@st.cache_resource(show_spinner="Loading the model…", max_entries=2)
+def cached_classifier(spec: ModelSpec) -> Classifier:
+    return Classifier(spec)
+
+
+@st.cache_data(show_spinner=False, ttl=30)
+def cluster_resources(address: str) -> dict:
+    """CPUs and GPUs of the cluster; a remote one is asked from a subprocess so this server never joins it."""
+    if address in ("", LOCAL):
+        import torch
+
+        return {"address": LOCAL, "cpus": float(os.cpu_count() or 1), "gpus": float(torch.cuda.device_count())}
+    result = subprocess.run(
+        [sys.executable, "-m", "pipeline", "cluster", "--address", address],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        cwd=ROOT,
+        env={**os.environ, "PYTHONPATH": str(ROOT)},
+    )
+    if result.returncode != 0:
+        lines = result.stderr.strip().splitlines()
+        raise UserError(lines[-1].removeprefix("error: ") if lines else f"cannot reach the Ray cluster at {address}")
+    return json.loads(result.stdout.strip().splitlines()[-1])
+
+
+@st.cache_data(show_spinner=False, max_entries=512)
+def thumbnail(uri: str, size: int = 224) -> bytes | None:
+    """A small JPEG of an image by its run path (local or s3://, credentials from the environment)."""
+    try:
+        source = open_source(uri.rsplit("/", 1)[0] if "://" in uri else str(Path(uri).parent))
+        image = open_rgb(read_bytes(source.filesystem, source.to_fs_path(uri)), min_side=size)
+        image.thumbnail((size, size))
+        buffer = io.BytesIO()
+        image.save(buffer, "JPEG", quality=85)
+        return buffer.getvalue()
+    except Exception:
+        return None
+
+
+CHART_MARGIN = {"l": 10, "r": 10, "t": 40, "b": 10}
+
+
+def label_bar(distribution: pd.DataFrame, title: str, height: int = 480) -> go.Figure:
+    """Horizontal bars, most frequent on top and the folded ``(other)`` bar last."""
+    figure = px.bar(distribution, x="count", y="label", orientation="h", title=title, height=height)
+    order = list(distribution["label"])[::-1]
+    figure.update_layout(yaxis={"categoryorder": "array", "categoryarray": order, "title": None}, margin=CHART_MARGIN)
+    return figure
+
+
+def runs_root(settings: Settings) -> Path:
+    return Path(settings.out).expanduser().resolve()
+
+
+def status_badge(status: str) -> str:
+    """A coloured status for markdown (headings, captions); tables show the plain word."""
+    return STATUS_BADGES.get(status, status)
+
+
+def percent(value: float | None) -> str:
+    return "–" if value is None else f"{value:.1%}"
+
+
+def show_error(error: Exception) -> None:
+    """One line on the page, never a traceback."""
+    st.error(str(error) if isinstance(error, UserError) else f"Something went wrong: {type(error).__name__}: {one_line(error)}")
+
+
+def runs_in(settings: Settings) -> list[tuple[Path, runs.Manifest]]:
+    return runs.list_runs(runs_root(settings))

@@ -1,0 +1,90 @@
+"""Runs as processes of their own, so they outlive the page, the browser and the Streamlit server.
+
+The dashboard validates a request in-process (fast, clear errors), then starts
+``python -m pipeline run --run-id ID`` in a new session; from then on it only reads the run folder.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+from . import runs
+from .errors import UserError
+from .runner import RunRequest, check
+
+LAUNCH_LOGS = ".launch"
+PACKAGE_ROOT = Path(__file__).resolve().parent.parent
+
+
+@dataclass(frozen=True)
+class Launch:
+    run_id: str
+    pid: int
+    log: Path
+
+
+def _spawn(args: list[str], log: Path) -> int:
+    log.parent.mkdir(parents=True, exist_ok=True)
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(PACKAGE_ROOT), os.environ.get("PYTHONPATH")]))}
+    with open(log, "ab") as sink:
+        process = subprocess.Popen(
+            [sys.executable, "-m", "pipeline", *args],
+            stdin=subprocess.DEVNULL,
+            stdout=sink,
+            stderr=subprocess.STDOUT,
+            env=env,
+            cwd=PACKAGE_ROOT,
+            start_new_session=True,
+        )
+    return process.pid
+
+
+def launch_run(request: RunRequest) -> Launch:
+    """Check the request like ``run`` would, then start it in the background."""
+    out = check(request).out
+    run_id = request.run_id or runs.new_run_id(request.model.display_name)
+    if runs.run_dir(out, run_id).exists():
+        raise UserError(f"run {run_id} already exists")
+    spec = request.model
+    args = ["run", "--data", request.data, "--out", str(out), "--run-id", run_id, "--batch-size", str(request.batch_size)]
+    args += ["--precision", request.precision]
+    optional = {
+        "--model": spec.name if spec.name != "custom" else None,
+        "--checkpoint": spec.checkpoint,
+        "--arch": spec.arch,
+        "--labels": spec.labels_file,
+        "--concurrency": request.concurrency,
+        "--num-gpus": request.num_gpus,
+        "--limit": request.limit,
+        "--address": request.address,
+        "--s3-endpoint": request.s3_endpoint,
+    }
+    if spec.weights and spec.name != "custom":
+        optional["--model"] = f"{spec.name}:{spec.weights}"
+    for flag, value in optional.items():
+        if value is not None:
+            args += [flag, str(value)]
+    log = out / LAUNCH_LOGS / f"{run_id}.log"
+    return Launch(run_id, _spawn(args, log), log)
+
+
+def launch_resume(path: Path) -> int:
+    """Resume a run in the background; its output goes to the run's launch log."""
+    manifest = runs.read_manifest(path)
+    if manifest.status in ("running", "complete"):
+        raise UserError(f"run {manifest.run_id} is {manifest.status}; only interrupted, failed or cancelled runs resume")
+    return _spawn(["resume", str(path)], path.parent / LAUNCH_LOGS / f"{manifest.run_id}.log")
+
+
+def launch_failure(out: str | Path, run_id: str) -> str | None:
+    """Why a launched run never created its folder: the last line its process wrote, if it has exited."""
+    log = Path(out).expanduser().resolve() / LAUNCH_LOGS / f"{run_id}.log"
+    if not log.is_file():
+        return None
+    lines = [line for line in log.read_text(errors="replace").splitlines() if line.strip()]
+    failure = [line for line in lines if line.startswith(("error:", "internal error:"))]
+    return failure[-1].removeprefix("error: ") if failure else None

@@ -1,0 +1,190 @@
+"""The dashboard in a real browser: Streamlit started for real, Debian's Chromium driven by Playwright.
+
+Screenshots go to tests/e2e/screenshots/ (git-ignored) for a person to look at.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+from ..conftest import ROOT, free_port
+
+pytestmark = pytest.mark.e2e
+CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
+SHOTS = Path(__file__).parent / "screenshots"
+EXCEPTION = '[data-testid="stException"]'
+
+
+@pytest.fixture(scope="module")
+def runs_dir(tmp_path_factory) -> Path:
+    return tmp_path_factory.mktemp("dashboard-runs")
+
+
+def start_server(runs_dir: Path) -> tuple[subprocess.Popen, str]:
+    port = free_port()
+    env = {**os.environ, "DASHBOARD_RUNS_DIR": str(runs_dir), "PYTHONPATH": str(ROOT)}
+    env.pop("RAY_ADDRESS", None)
+    server = subprocess.Popen(
+        [sys.executable, "-m", "streamlit", "run", "app.py", "--server.port", str(port), "--server.headless", "true"],
+        cwd=ROOT,
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
+    url = f"http://localhost:{port}"
+    deadline = time.monotonic() + 90
+    while time.monotonic() < deadline:
+        try:
+            if urllib.request.urlopen(f"{url}/_stcore/health", timeout=2).read() == b"ok":
+                return server, url
+        except OSError:
+            time.sleep(0.5)
+    server.kill()
+    pytest.fail("streamlit did not answer /_stcore/health in 90 s")
+
+
+def stop_server(server: subprocess.Popen) -> None:
+    server.terminate()
+    try:
+        server.wait(timeout=20)
+    except subprocess.TimeoutExpired:
+        server.kill()
+
+
+@pytest.fixture(scope="module")
+def browser():
+    if not Path(CHROMIUM).exists():
+        pytest.skip("Debian's chromium is not installed (apt-get install chromium); scripts/setup.sh --dev installs it")
+    from playwright.sync_api import sync_playwright
+
+    SHOTS.mkdir(exist_ok=True)
+    with sync_playwright() as playwright:
+        browser = playwright.chromium.launch(
+            executable_path=CHROMIUM,
+            args=["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update", "--disable-sync"],
+        )
+        yield browser
+        browser.close()
+
+
+@pytest.fixture(scope="module")
+def server(runs_dir):
+    process, url = start_server(runs_dir)
+    yield url
+    stop_server(process)
+
+
+def open_page(browser, url: str, height: int = 1000):
+    page = browser.new_page(viewport={"width": 1400, "height": height})
+    page.goto(url)
+    page.wait_for_selector("h1", timeout=60_000)
+    wait_idle(page)
+    return page
+
+
+def wait_idle(page, timeout_s: float = 60) -> None:
+    """Until Streamlit has finished running the script (no running indicator for a moment)."""
+    deadline = time.monotonic() + timeout_s
+    quiet_since = None
+    while time.monotonic() < deadline:
+        running = page.locator('[data-testid="stStatusWidget"]').count() > 0
+        if running:
+            quiet_since = None
+        elif quiet_since is None:
+            quiet_since = time.monotonic()
+        elif time.monotonic() - quiet_since > 1.5:
+            return
+        time.sleep(0.25)
+
+
+def assert_app_chrome(page) -> None:
+    """The app's own navigation and shared settings, not Streamlit's folder-based fallback."""
+    nav = page.locator('[data-testid="stSidebarNav"]').inner_text()
+    assert [line.strip() for line in nav.splitlines() if line.strip()] == ["Home", "Preview", "Run", "Analytics"]
+    assert page.get_by_role("textbox", name="Dataset").count() == 1
+
+
+def assert_no_exception(page, name: str) -> None:
+    page.screenshot(path=str(SHOTS / f"{name}.png"), full_page=True)
+    exceptions = page.locator(EXCEPTION)
+    assert exceptions.count() == 0, exceptions.first.inner_text()
+
+
+@pytest.mark.parametrize("path", ["", "preview", "run", "analytics"])
+def test_every_page_loads_without_an_exception(browser, server, path):
+    page = open_page(browser, f"{server}/{path}")
+    assert page.locator("h1").count() >= 1
+    assert_app_chrome(page)
+    assert_no_exception(page, f"page-{path or 'home'}")
+    page.close()
+
+
+def test_preview_shows_images_with_labels(browser, server):
+    page = open_page(browser, f"{server}/preview")
+    page.wait_for_selector('[data-testid="stImage"] img', timeout=60_000)
+    wait_idle(page)
+    images = page.locator('[data-testid="stImage"] img')
+    assert images.count() == 16
+    assert images.first.evaluate("img => img.naturalWidth") > 50
+    text = page.locator('[data-testid="stMain"]').inner_text()
+    assert "16 images in" in text and "truth: tench" in text
+    assert_no_exception(page, "preview-grid")
+    page.close()
+
+
+def test_bad_dataset_uri_gives_a_one_line_error(browser, server):
+    page = open_page(browser, f"{server}/preview")
+    box = page.get_by_role("textbox", name="Dataset")
+    box.fill("/no/such/folder")
+    box.press("Enter")
+    wait_idle(page)
+    alert = page.locator('[data-testid="stAlert"]').filter(has_text="dataset not found").first
+    alert.wait_for(timeout=30_000)
+    assert "/no/such/folder" in alert.inner_text() and len(alert.inner_text().strip().splitlines()) == 1
+    assert_no_exception(page, "bad-uri")
+    page.close()
+
+
+def test_run_survives_closing_the_page_and_restarting_the_server(browser, runs_dir):
+    process, url = start_server(runs_dir)
+    page = open_page(browser, f"{url}/run")  # first visit of a fresh server, straight to /run
+    assert_app_chrome(page)
+    page.get_by_label("Limit (0 = all images)").fill("40")
+    page.get_by_role("button", name="Start run").click()
+    page.get_by_text("images (").first.wait_for(timeout=120_000)  # live progress bar text
+    page.screenshot(path=str(SHOTS / "run-live.png"), full_page=True)
+    page.close()
+    stop_server(process)  # the run is a process of its own: it keeps going
+
+    process, url = start_server(runs_dir)
+    try:
+        page = open_page(browser, f"{url}/run")
+        page.get_by_text("complete").first.wait_for(timeout=300_000)
+        wait_idle(page)
+        assert_no_exception(page, "run-complete")
+        text = page.locator('[data-testid="stMain"]').inner_text()
+        assert "40 / 40 images" in text
+        run_ids = [p.name for p in runs_dir.iterdir() if (p / "manifest.json").is_file()]
+        assert len(run_ids) == 1
+        page.close()
+
+        page = open_page(browser, f"{url}/analytics?run={run_ids[0]}", height=3200)
+        page.wait_for_selector(".js-plotly-plot", timeout=60_000)
+        wait_idle(page)
+        assert page.locator(".js-plotly-plot").count() >= 4
+        assert page.locator(".js-plotly-plot .main-svg").count() >= 4
+        text = page.locator('[data-testid="stMain"]').inner_text()
+        assert "Top-1" in text and "Per class" in text and "Misclassified" in text
+        assert_no_exception(page, "analytics")
+        page.close()
+    finally:
+        stop_server(process)
