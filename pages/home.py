@@ -15,7 +15,7 @@ st.markdown(
 
 left, middle, right = st.columns(3)
 left.metric(
-    "Dataset", widgets.SAMPLE_DATA.name if settings.data == widgets.DEFAULTS["data"] else settings.data.rstrip("/").rsplit("/", 1)[-1]
+    "Dataset", widgets.SAMPLE_DATA.name if settings.data == str(widgets.SAMPLE_DATA) else settings.data.rstrip("/").rsplit("/", 1)[-1]
 )
 left.caption(settings.data)
 middle.metric("Model", settings.model)

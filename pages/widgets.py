@@ -24,12 +24,17 @@ from pipeline.preprocess import open_rgb
 from pipeline.sources import SAMPLE_DATA, Listing, list_images, open_source, read_bytes
 
 ROOT = Path(__file__).resolve().parent.parent
-DEFAULTS = {
-    "data": os.environ.get("DASHBOARD_DATA", str(SAMPLE_DATA)),
-    "model": DEFAULT_MODEL,
-    "address": os.environ.get("RAY_ADDRESS", LOCAL),
-    "out": os.environ.get("DASHBOARD_RUNS_DIR", str(ROOT / "runs")),
-}
+SETTINGS = ("data", "model", "address", "out")
+
+
+def defaults() -> dict[str, str]:
+    """Starting values, overridable by the environment of whoever starts the server."""
+    return {
+        "data": os.environ.get("DASHBOARD_DATA", str(SAMPLE_DATA)),
+        "model": DEFAULT_MODEL,
+        "address": os.environ.get("RAY_ADDRESS", LOCAL),
+        "out": os.environ.get("DASHBOARD_RUNS_DIR", str(ROOT / "runs")),
+    }
 ALLOWED_ROOTS_ENV = "DASHBOARD_DATA_ROOTS"
 STATUS_BADGES = {
     "running": ":blue[:material/autorenew: running]",
@@ -53,7 +58,7 @@ class Settings:
 
 
 def _init_state() -> None:
-    for key, value in DEFAULTS.items():
+    for key, value in defaults().items():
         st.session_state.setdefault(f"setting_{key}", value)
 
 
@@ -100,7 +105,7 @@ def _leave_legacy_multipage_mode() -> None:
 def current_settings() -> Settings:
     _leave_legacy_multipage_mode()
     _init_state()
-    return Settings(*(str(st.session_state[f"setting_{key}"]).strip() for key in ("data", "model", "address", "out")))
+    return Settings(*(str(st.session_state[f"setting_{key}"]).strip() for key in SETTINGS))
 
 
 def allowed_roots() -> list[Path]:

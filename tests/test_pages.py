@@ -1,0 +1,121 @@
+"""Page logic through Streamlit's AppTest: widgets, messages and state, without a browser."""
+
+from __future__ import annotations
+
+import pyarrow as pa
+import pytest
+from streamlit.testing.v1 import AppTest
+
+from pipeline import runs
+from pipeline.models import ModelSpec
+from pipeline.runs import Counts, Manifest, RunParams, RunWriter
+
+from .conftest import ROOT, SAMPLE
+
+
+@pytest.fixture
+def runs_dir(tmp_path, monkeypatch):
+    monkeypatch.setenv("DASHBOARD_RUNS_DIR", str(tmp_path))
+    monkeypatch.chdir(ROOT)
+    return tmp_path
+
+
+def app(page: str | None = None) -> AppTest:
+    at = AppTest.from_file(str(ROOT / "app.py"), default_timeout=120)
+    at.run()
+    if page:
+        at.switch_page(f"pages/{page}.py")
+        at.run()
+    return at
+
+
+def write_run(runs_dir, run_id="20260101-000000-demo", status="complete") -> str:
+    """A run in the documented schema over real sample images, as the pipeline would leave it."""
+    files = sorted(SAMPLE.rglob("*.JPEG"))[:30]
+    truths = ["tench" if f.parent.name == "n01440764" else "English springer" for f in files]
+    labels = [t if i % 3 else "goldfish" for i, t in enumerate(truths)]
+    path = runs.run_dir(runs_dir, run_id)
+    path.mkdir()
+    table = pa.table(
+        {
+            "path": [str(f) for f in files],
+            "ground_truth": truths,
+            "label": labels,
+            "label_index": pa.array([0] * len(files), pa.int32()),
+            "score": pa.array([0.3 + 0.02 * i for i in range(len(files))], pa.float32()),
+            "topk_labels": [[label, "tench", "goldfish", "a", "b"] for label in labels],
+            "topk_scores": [[0.5, 0.2, 0.1, 0.1, 0.1]] * len(files),
+        }
+    )
+    writer = RunWriter(path)
+    writer.add(table, pa.table({"path": ["/x/broken.jpg"], "error": ["truncated image data"]}))
+    writer.flush()
+    manifest = Manifest(run_id, str(SAMPLE), {**ModelSpec().to_dict(), "display_name": "efficientnet_lite0"},
+                        RunParams(64, None, None, None, None, None), status=status,
+                        counts=Counts(inputs=31, predicted=30, failed=1))
+    manifest.claim()
+    runs.write_manifest(path, manifest)
+    return run_id
+
+
+def test_home_shows_settings_and_no_runs(runs_dir):
+    at = app()
+    assert not at.exception
+    assert at.title[0].value == "Batch image classification"
+    assert at.sidebar.text_input(key="setting_data").value.endswith("imagenette")
+    assert any("No runs yet" in info.value for info in at.info)
+
+
+def test_bad_dataset_shows_one_error_in_the_sidebar(runs_dir):
+    at = app()
+    at.sidebar.text_input(key="setting_data").set_value("/definitely/not/here").run()
+    errors = [e.value for e in at.sidebar.error]
+    assert len(errors) == 1 and "dataset not found" in errors[0] and "\n" not in errors[0]
+    assert not at.exception
+
+
+def test_settings_persist_across_pages(runs_dir, tmp_path):
+    at = app()
+    at.sidebar.text_input(key="setting_out").set_value(str(tmp_path / "elsewhere")).run()
+    at.switch_page("pages/run.py").run()
+    assert at.sidebar.text_input(key="setting_out").value == str(tmp_path / "elsewhere")
+    assert any("No runs in" in info.value and "elsewhere" in info.value for info in at.info)
+
+
+def test_preview_classifies_a_sample(runs_dir):
+    at = app("preview")
+    assert not at.exception
+    assert at.slider[0].value == 16
+    caption = next(c.value for c in at.caption if "images in" in c.value)
+    assert caption.startswith("16 images in") and "correct" in caption
+    assert sum("truth:" in c.value for c in at.caption) == 16
+
+
+def test_run_page_disables_gpus_without_a_gpu_and_lists_runs(runs_dir):
+    write_run(runs_dir)
+    at = app("run")
+    assert not at.exception
+    gpus = next(n for n in at.number_input if n.label == "GPUs per actor")
+    assert gpus.disabled and gpus.value == 0.0
+    table = [element for element in at.main if type(element).__name__ == "Dataframe"][-1].value
+    assert list(table["run"]) == ["20260101-000000-demo"] and table["status"][0] == "complete"
+
+
+def test_analytics_shows_metrics_and_filters(runs_dir):
+    run_id = write_run(runs_dir)
+    at = app("analytics")
+    assert not at.exception
+    metrics = {m.label: m.value for m in at.metric}
+    assert metrics["Predicted"] == "30" and metrics["Failed"] == "1"
+    assert metrics["Top-1"] == f"{20 / 30:.1%}"
+    assert at.main.selectbox[0].value == run_id
+    at.main.slider[0].set_value((0.5, 1.0)).run()
+    assert any("Showing" in c.value for c in at.caption)
+
+
+def test_analytics_reports_a_corrupt_run_in_one_line(runs_dir):
+    run_id = write_run(runs_dir)
+    (runs_dir / run_id / "predictions" / "part-000000.parquet").write_bytes(b"not parquet")
+    at = app("analytics")
+    assert not at.exception
+    assert len(at.error) == 1 and "Cannot read run" in at.error[0].value
