@@ -108,8 +108,9 @@ def wait_idle(page, timeout_s: float = 60) -> None:
 
 def assert_app_chrome(page) -> None:
     """The app's own navigation and shared settings, not Streamlit's folder-based fallback."""
-    nav = page.locator('[data-testid="stSidebarNav"]').inner_text()
-    assert [line.strip() for line in nav.splitlines() if line.strip()] == ["Home", "Preview", "Run", "Analytics"]
+    links = page.locator('[data-testid="stSidebarNavLink"]')
+    labels = [links.nth(i).locator("span").last.inner_text().strip() for i in range(links.count())]
+    assert labels == ["Home", "Preview", "Run", "Analytics"]
     assert page.get_by_role("textbox", name="Dataset").count() == 1
 
 

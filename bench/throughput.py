@@ -1,0 +1,195 @@
+"""Throughput and memory, in one invocation, on one folder and model:
+
+(a) Ray's tutorial pipeline as written  (b) this project's pipeline as the CLI runs it
+(c) the model's forward pass alone on pre-decoded tensors (the limit)  (d) a plain PyTorch DataLoader loop
+
+Whole processes for (a), (b), (d): start-up included, as a user experiences it. Peak RSS is the
+largest sum over the process tree (driver plus Ray's workers). Ratios are what to compare across
+machines. Usage:
+
+    python bench/throughput.py [--data DIR] [--models resnet50,efficientnet_lite0] [--batch-size 64]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import psutil
+import pyarrow.parquet as pq
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+SHARED = ROOT.parent / "shared" / "data" / "imagenette-val"
+
+from pipeline.inference import Classifier, resolve_precision  # noqa: E402
+from pipeline.models import describe, hub_checkpoint_path, parse_model  # noqa: E402
+from pipeline.preprocess import decode  # noqa: E402
+from pipeline.sources import list_images, open_source  # noqa: E402
+
+
+def measure(command: list[str], env: dict) -> tuple[float, float, str]:
+    """Wall seconds, peak RSS of the whole process tree (GiB), stdout."""
+    began = time.perf_counter()
+    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, env=env, cwd=ROOT)
+    root = psutil.Process(process.pid)
+    peak = 0
+    while process.poll() is None:
+        try:
+            tree = [root, *root.children(recursive=True)]
+            peak = max(peak, sum(p.memory_info().rss for p in tree if p.is_running()))
+        except psutil.Error:
+            pass
+        time.sleep(0.2)
+    out = process.stdout.read()
+    if process.returncode != 0:
+        raise SystemExit(f"{command[:4]} failed with exit {process.returncode}")
+    return time.perf_counter() - began, peak / 2**30, out
+
+
+def ensure_weights(model: str, torch_home: Path) -> None:
+    """Random weights under torchvision's file name when the real ones are not cached (speed does not depend on them)."""
+    import torch
+    import torchvision
+
+    spec = parse_model(model)
+    if spec.name == "efficientnet_lite0" or describe(spec).available_offline:
+        return
+    weights = torchvision.models.get_model_weights(spec.name)[spec.weights]
+    os.environ["TORCH_HOME"] = str(torch_home)
+    target = hub_checkpoint_path(weights.url)
+    if not target.exists():
+        target.parent.mkdir(parents=True, exist_ok=True)
+        torch.save(torchvision.models.get_model(spec.name, weights=None).state_dict(), target)
+
+
+def forward_only(model: str, files: list[str], batch_size: int, precision: str, batches: int = 6) -> float:
+    """img/s of the forward pass on pre-decoded uint8 crops, as the project's actor runs it (2 threads)."""
+    classifier = Classifier(parse_model(model), device="cpu", precision=precision, threads=os.cpu_count())
+    crops = np.stack([decode(Path(f).read_bytes(), classifier.preprocessing) for f in files[:batch_size]])
+    classifier.top_k(crops)  # warm-up
+    began = time.perf_counter()
+    for _ in range(batches):
+        classifier.top_k(crops)
+    return batches * batch_size / (time.perf_counter() - began)
+
+
+def agreement(run_dir: Path, reference_dir: Path) -> float:
+    def labels(path: Path) -> dict:
+        table = pq.read_table(path / "predictions", columns=["path", "label"])
+        return dict(zip(table.column("path").to_pylist(), table.column("label").to_pylist(), strict=True))
+
+    ours, reference = labels(run_dir), labels(reference_dir)
+    return float(np.mean([ours[p] == reference[p] for p in reference]))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--data", default=str(SHARED) if SHARED.is_dir() else str(ROOT / "pipeline" / "sample_data" / "imagenette"))
+    parser.add_argument("--models", default="resnet50,efficientnet_lite0")
+    parser.add_argument("--batch-size", type=int, default=64)
+    parser.add_argument("--skip", default="", help="comma-separated variants to skip (a,b,c,d,ref)")
+    args = parser.parse_args()
+    skip = set(filter(None, args.skip.split(",")))
+    files = list_images(open_source(args.data)).files
+    work = Path(tempfile.mkdtemp(prefix="bench-"))
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "RAY_USAGE_STATS_ENABLED": "0"}
+    cpu = f"{psutil.cpu_count()} CPUs, {psutil.virtual_memory().total / 2**30:.0f} GiB"
+    print(f"{len(files)} images from {args.data}; {cpu}; batch {args.batch_size}", flush=True)
+    rows = []
+    for model in args.models.split(","):
+        ensure_weights(model, work / "torch_home")
+        env["TORCH_HOME"] = os.environ.get("TORCH_HOME", env.get("TORCH_HOME", ""))
+        if not env["TORCH_HOME"]:
+            env.pop("TORCH_HOME")
+        n = len(files)
+        result = {"model": model}
+        if "a" not in skip:
+            seconds, rss, _ = measure([sys.executable, "bench/tutorial_pipeline.py", args.data, model, str(args.batch_size), "1"], env)
+            result.update(a=n / seconds, a_rss=rss)
+        seconds, rss, out = measure(
+            [
+                sys.executable,
+                "-m",
+                "pipeline",
+                "run",
+                "--data",
+                args.data,
+                "--model",
+                model,
+                "--out",
+                str(work / "runs"),
+                "--batch-size",
+                str(args.batch_size),
+            ],
+            env,
+        )
+        run_dir = Path(out.strip().splitlines()[-1])
+        result.update(b=n / seconds, b_rss=rss)
+        precision = resolve_precision("auto", "cpu")
+        if "ref" not in skip and precision != "fp32":
+            _, _, out = measure(
+                [
+                    sys.executable,
+                    "-m",
+                    "pipeline",
+                    "run",
+                    "--data",
+                    args.data,
+                    "--model",
+                    model,
+                    "--out",
+                    str(work / "runs"),
+                    "--batch-size",
+                    str(args.batch_size),
+                    "--precision",
+                    "fp32",
+                ],
+                env,
+            )
+            result["agreement"] = agreement(run_dir, Path(out.strip().splitlines()[-1]))
+        else:
+            result["agreement"] = 1.0
+        if "c" not in skip:
+            result["c"] = forward_only(model, files, args.batch_size, precision)
+        if "d" not in skip:
+            seconds, rss, _ = measure(
+                [
+                    sys.executable,
+                    "bench/dataloader_loop.py",
+                    args.data,
+                    model,
+                    str(args.batch_size),
+                    "bf16" if precision == "bf16" else "fp32",
+                ],
+                env,
+            )
+            result.update(d=n / seconds, d_rss=rss)
+        rows.append(result)
+        print(format_row(result), flush=True)
+    print("\nmodel               a img/s  b img/s  c img/s  d img/s   b/a   b/c   b/d  agree  peak RSS b (GiB)")
+    for result in rows:
+        print(format_row(result))
+
+
+def format_row(r: dict) -> str:
+    def num(key, fmt="8.1f"):
+        return format(r[key], fmt) if key in r else "       -"
+
+    def ratio(top, bottom):
+        return f"{r[top] / r[bottom]:5.2f}" if top in r and bottom in r else "    -"
+
+    return (
+        f"{r['model']:<18} {num('a')} {num('b')} {num('c')} {num('d')}  {ratio('b', 'a')} {ratio('b', 'c')} "
+        f"{ratio('b', 'd')}  {r['agreement']:.1%}  {r.get('b_rss', 0):.2f}"
+    )
+
+
+if __name__ == "__main__":
+    main()
