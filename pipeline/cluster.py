@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import os
+import socket
 import sys
 import tempfile
 from contextlib import contextmanager
@@ -38,6 +39,7 @@ def connect(address: str | None = None) -> ClusterInfo:
         if address == LOCAL:
             options["include_dashboard"] = False
         else:
+            _check_reachable(address)
             # Workers on a cluster do not have this checkout: ship the package with the job.
             options["runtime_env"] = {"py_modules": [str(Path(__file__).parent)], "excludes": ["sample_data/"]}
         with _native_stderr_captured() as captured:
@@ -63,6 +65,17 @@ def disconnect() -> None:
 
     if ray.is_initialized():
         ray.shutdown()
+
+
+def _check_reachable(address: str, timeout_s: float = 5.0) -> None:
+    """Fail in seconds, not after Ray's minute of retries, when nothing listens at HOST:PORT."""
+    host, _, port = address.removeprefix("ray://").rpartition(":")
+    if not host or not port.isdigit():
+        return  # "auto" and other forms Ray resolves itself
+    try:
+        socket.create_connection((host, int(port)), timeout=timeout_s).close()
+    except OSError as error:
+        raise UserError(f"cannot connect to the Ray cluster at {address!r}: nothing answers there ({error.strerror or error})") from error
 
 
 @contextmanager
