@@ -89,6 +89,13 @@ def agreement(run_dir: Path, reference_dir: Path) -> float:
     return float(np.mean([ours[p] == reference[p] for p in reference]))
 
 
+def project_run(args, model: str, work: Path, env: dict, *extra: str) -> tuple[float, float, Path]:
+    """(b): ``python -m pipeline run`` as a user types it; returns seconds, peak RSS and the run folder."""
+    command = [sys.executable, "-m", "pipeline", "run", "--data", args.data, "--model", model, "--out", str(work / "runs")]
+    seconds, rss, out = measure([*command, "--batch-size", str(args.batch_size), *extra], env)
+    return seconds, rss, Path(out.strip().splitlines()[-1])
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--data", default=str(SHARED) if SHARED.is_dir() else str(ROOT / "pipeline" / "sample_data" / "imagenette"))
@@ -113,47 +120,12 @@ def main() -> None:
         if "a" not in skip:
             seconds, rss, _ = measure([sys.executable, "bench/tutorial_pipeline.py", args.data, model, str(args.batch_size), "1"], env)
             result.update(a=n / seconds, a_rss=rss)
-        seconds, rss, out = measure(
-            [
-                sys.executable,
-                "-m",
-                "pipeline",
-                "run",
-                "--data",
-                args.data,
-                "--model",
-                model,
-                "--out",
-                str(work / "runs"),
-                "--batch-size",
-                str(args.batch_size),
-            ],
-            env,
-        )
-        run_dir = Path(out.strip().splitlines()[-1])
+        seconds, rss, run_dir = project_run(args, model, work, env)
         result.update(b=n / seconds, b_rss=rss)
         precision = resolve_precision("auto", "cpu")
         if "ref" not in skip and precision != "fp32":
-            _, _, out = measure(
-                [
-                    sys.executable,
-                    "-m",
-                    "pipeline",
-                    "run",
-                    "--data",
-                    args.data,
-                    "--model",
-                    model,
-                    "--out",
-                    str(work / "runs"),
-                    "--batch-size",
-                    str(args.batch_size),
-                    "--precision",
-                    "fp32",
-                ],
-                env,
-            )
-            result["agreement"] = agreement(run_dir, Path(out.strip().splitlines()[-1]))
+            reference_dir = project_run(args, model, work, env, "--precision", "fp32")[2]
+            result["agreement"] = agreement(run_dir, reference_dir)
         else:
             result["agreement"] = 1.0
         if "c" not in skip:

@@ -35,6 +35,8 @@ def defaults() -> dict[str, str]:
         "address": os.environ.get("RAY_ADDRESS", LOCAL),
         "out": os.environ.get("DASHBOARD_RUNS_DIR", str(ROOT / "runs")),
     }
+
+
 ALLOWED_ROOTS_ENV = "DASHBOARD_DATA_ROOTS"
 STATUS_BADGES = {
     "running": ":blue[:material/autorenew: running]",

@@ -50,9 +50,14 @@ def write_run(runs_dir, run_id="20260101-000000-demo", status="complete") -> str
     writer = RunWriter(path)
     writer.add(table, pa.table({"path": ["/x/broken.jpg"], "error": ["truncated image data"]}))
     writer.flush()
-    manifest = Manifest(run_id, str(SAMPLE), {**ModelSpec().to_dict(), "display_name": "efficientnet_lite0"},
-                        RunParams(64, None, None, None, None, None), status=status,
-                        counts=Counts(inputs=31, predicted=30, failed=1))
+    manifest = Manifest(
+        run_id,
+        str(SAMPLE),
+        {**ModelSpec().to_dict(), "display_name": "efficientnet_lite0"},
+        RunParams(64, None, None, None, None, None),
+        status=status,
+        counts=Counts(inputs=31, predicted=30, failed=1),
+    )
     manifest.claim()
     runs.write_manifest(path, manifest)
     return run_id
