@@ -145,6 +145,7 @@ def _model_spec(args):
 def cmd_run(args) -> int:
     from .runner import RunRequest, run
 
+    out = _result_stream()
     request = RunRequest(
         data=args.data,
         model=_model_spec(args),
@@ -159,18 +160,28 @@ def cmd_run(args) -> int:
         precision=args.precision,
     )
     path, manifest = run(request, ProgressPrinter())
-    return _report(path, manifest)
+    return _report(path, manifest, out)
 
 
 def cmd_resume(args) -> int:
     from .runner import resume
 
+    out = _result_stream()
     path = Path(args.run_dir)
     manifest = resume(path, ProgressPrinter())
-    return _report(path, manifest)
+    return _report(path, manifest, out)
 
 
-def _report(path: Path, manifest) -> int:
+def _result_stream():
+    """Keep stdout for the result line alone: Ray prints raylet and worker notices on file descriptor 1
+    (even at exit), so from here on fd 1 points at stderr and the result goes to a copy of the real stdout."""
+    sys.stdout.flush()
+    result = os.fdopen(os.dup(1), "w")
+    os.dup2(2, 1)
+    return result
+
+
+def _report(path: Path, manifest, out) -> int:
     counts = manifest.counts
     summary = f"{manifest.status}: {counts.predicted} predicted, {counts.failed} failed, {counts.skipped} skipped"
     if manifest.accuracy.top1 is not None:
@@ -180,7 +191,7 @@ def _report(path: Path, manifest) -> int:
     if manifest.reason and manifest.status != "complete":
         summary += f" ({manifest.reason})"
     print(summary, file=sys.stderr)
-    print(path)
+    print(path, file=out, flush=True)
     return 0 if manifest.status == "complete" else 1
 
 
