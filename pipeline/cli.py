@@ -89,6 +89,7 @@ def build_parser() -> Parser:
 
     resume = commands.add_parser("resume", help="finish an interrupted, failed or cancelled run")
     resume.add_argument("run_dir")
+    resume.add_argument("--address", default=None, help="continue on another Ray cluster (`local` for this machine)")
 
     preview = commands.add_parser("preview", help="classify a few sample images and print a table")
     _add_source_options(preview)
@@ -168,7 +169,7 @@ def cmd_resume(args) -> int:
 
     out = _result_stream()
     path = Path(args.run_dir)
-    manifest = resume(path, ProgressPrinter())
+    manifest = resume(path, ProgressPrinter(), args.address)
     return _report(path, manifest, out)
 
 

@@ -295,8 +295,12 @@ def _finish(path: Path, manifest: Manifest, report) -> None:
         report(force=True)
 
 
-def resume(path: Path, on_progress: ProgressCallback | None = None) -> Manifest:
-    """Finish an interrupted, failed or cancelled run, predicting only what it lacks."""
+def resume(path: Path, on_progress: ProgressCallback | None = None, address: str | None = None) -> Manifest:
+    """Finish an interrupted, failed or cancelled run, predicting only what it lacks.
+
+    ``address`` moves the rest of the run to another Ray cluster (``local`` for this machine),
+    for when the one it started on has gone away.
+    """
     manifest = runs.read_manifest(path)
     if manifest.status == "running":
         raise UserError(f"run {manifest.run_id} is still running (pid {manifest.pid} on {manifest.host})")
@@ -304,6 +308,8 @@ def resume(path: Path, on_progress: ProgressCallback | None = None) -> Manifest:
         raise UserError(f"run {manifest.run_id} is already complete")
     (path / runs.CANCEL_REQUEST).unlink(missing_ok=True)
     manifest.resumed += 1
+    if address:
+        manifest.params.address = address
     runs.write_manifest(path, manifest)
     return execute(path, on_progress)
 

@@ -9,6 +9,7 @@ prediction part and the errors file are in place. A run whose process died is se
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import os
 import re
@@ -163,21 +164,40 @@ def run_dir(runs_dir: str | Path, run_id: str) -> Path:
     return path
 
 
-def atomic_write_bytes(path: Path, data: bytes) -> None:
+@contextlib.contextmanager
+def _replacing(path: Path):
+    """Yield a temporary sibling to write; rename it over ``path`` on success, remove it on failure."""
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_bytes(data)
-    os.replace(tmp, path)
+    try:
+        yield tmp
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+def atomic_write_bytes(path: Path, data: bytes) -> None:
+    with _replacing(path) as tmp:
+        tmp.write_bytes(data)
 
 
 def atomic_write_table(path: Path, table: pa.Table) -> None:
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    pq.write_table(table, tmp)
-    os.replace(tmp, path)
+    with _replacing(path) as tmp:
+        pq.write_table(table, tmp)
 
 
 def write_manifest(path: Path, manifest: Manifest) -> None:
+    """Atomically; on a full disk (no room for a temporary copy), in place, so the status still lands."""
     manifest.updated_at = now_iso()
-    atomic_write_bytes(path / MANIFEST, json.dumps(manifest.to_json(), indent=2).encode())
+    data = json.dumps(manifest.to_json(), indent=2).encode()
+    try:
+        atomic_write_bytes(path / MANIFEST, data)
+    except OSError as error:
+        if error.errno != errno.ENOSPC:
+            raise
+        with open(path / MANIFEST, "r+b") as file:
+            file.truncate(0)
+            file.write(data)
 
 
 def _owner_alive(manifest: Manifest) -> bool:

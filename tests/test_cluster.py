@@ -1,5 +1,6 @@
 """A real Ray head, started with ``ray start --head`` on a free port, used through ``--address``."""
 
+import contextlib
 import json
 import os
 import secrets
@@ -7,6 +8,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -18,48 +20,53 @@ RAY = Path(sys.executable).with_name("ray")
 CLUSTER_AUTH = {"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": secrets.token_hex(32)}
 
 
-@pytest.fixture(scope="module")
-def ray_head(tmp_path_factory):
+@contextlib.contextmanager
+def ray_head_process():
+    """``ray start --head --block`` on a free port; yields (address, process); stopped afterwards."""
+    temp_dir = Path(tempfile.mkdtemp(prefix="ray-"))  # short: Ray's socket paths must stay under 107 bytes
     if not RAY.exists():
         pytest.skip(f"ray CLI not found next to {sys.executable}")
     port = free_port()
-    temp_dir = tmp_path_factory.mktemp("ray")
     # Token authentication, as `ray start --head` sets up by default; the token is this test's own.
     env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0", **CLUSTER_AUTH}
-    head = subprocess.Popen(
-        [
-            str(RAY),
-            "start",
-            "--head",
-            f"--port={port}",
-            "--num-cpus=2",
-            "--include-dashboard=false",
-            f"--temp-dir={temp_dir}",
-            "--block",
-            "--disable-usage-stats",
-        ],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-        env=env,
-        start_new_session=True,
-    )
+    command = [
+        str(RAY),
+        "start",
+        "--head",
+        f"--port={port}",
+        "--num-cpus=2",
+        "--include-dashboard=false",
+        f"--temp-dir={temp_dir}",
+        "--block",
+        "--disable-usage-stats",
+    ]
+    head = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env, start_new_session=True)
     address = f"127.0.0.1:{port}"
-    deadline = time.monotonic() + 60
-    while time.monotonic() < deadline:
-        probe = subprocess.run([str(RAY), "status", f"--address={address}"], capture_output=True, text=True, env=env)
-        if probe.returncode == 0:
-            break
-        time.sleep(1)
-    else:
-        os.killpg(head.pid, signal.SIGTERM)
-        pytest.fail("ray head did not come up in 60 s")
-    yield address
-    os.killpg(head.pid, signal.SIGTERM)
     try:
-        head.wait(timeout=30)
+        deadline = time.monotonic() + 60
+        while subprocess.run([str(RAY), "status", f"--address={address}"], capture_output=True, env=env).returncode != 0:
+            if time.monotonic() > deadline:
+                pytest.fail("ray head did not come up in 60 s")
+            time.sleep(1)
+        yield address, head
+    finally:
+        stop_group(head)
+        shutil.rmtree(temp_dir, ignore_errors=True)
+
+
+def stop_group(process: subprocess.Popen) -> None:
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(process.pid, signal.SIGTERM)
+    try:
+        process.wait(timeout=30)
     except subprocess.TimeoutExpired:
-        os.killpg(head.pid, signal.SIGKILL)
-    shutil.rmtree(temp_dir, ignore_errors=True)
+        os.killpg(process.pid, signal.SIGKILL)
+
+
+@pytest.fixture(scope="module")
+def ray_head():
+    with ray_head_process() as (address, _):
+        yield address
 
 
 def test_run_through_an_existing_cluster(ray_head, small_folder, tmp_path):
@@ -96,3 +103,27 @@ def test_unreachable_cluster_is_a_one_line_error(small_folder, tmp_path):
     assert result.returncode == 2, result.stderr
     lines = result.stderr.strip().splitlines()
     assert lines[-1].startswith("error: cannot connect to the Ray cluster") and "Traceback" not in result.stderr
+
+
+def test_a_cluster_that_goes_away_ends_the_run_resumably(tmp_path):
+    from pipeline import runs
+
+    from .test_robustness import assert_exactly_once, start_cli_run, wait_for_progress
+
+    with ray_head_process() as (address, head):
+        run = start_cli_run(tmp_path / "runs", "--address", address, env=CLUSTER_AUTH)
+        path = wait_for_progress(tmp_path / "runs", 8)
+        os.killpg(head.pid, signal.SIGKILL)  # the whole head node dies at once
+        try:
+            run.communicate(timeout=300)
+        finally:
+            if run.poll() is None:
+                os.killpg(run.pid, signal.SIGKILL)
+                run.wait()
+    assert run.returncode != 0
+    manifest = runs.read_manifest(path)
+    assert manifest.status in ("failed", "interrupted") and manifest.reason, manifest
+    assert 0 < manifest.counts.done < 200
+    result = run_cli("resume", str(path), "--address", "local", timeout=480)
+    assert result.returncode == 0, result.stderr
+    assert_exactly_once(path)

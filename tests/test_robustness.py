@@ -104,8 +104,8 @@ def wait_for_progress(run_root: Path, at_least: int, timeout_s: float = 240) -> 
     pytest.fail(f"no run in {run_root} reached {at_least} predictions in {timeout_s} s")
 
 
-def start_cli_run(out: Path, *extra: str) -> subprocess.Popen:
-    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+def start_cli_run(out: Path, *extra: str, env: dict | None = None) -> subprocess.Popen:
+    env = {**os.environ, "PYTHONPATH": str(ROOT), **(env or {})}
     command = [sys.executable, "-m", "pipeline", "run", "--out", str(out), "--batch-size", "8", *extra]
     return subprocess.Popen(command, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
 
@@ -172,3 +172,35 @@ def _group_alive(pgid: int) -> bool:
     except ProcessLookupError:
         return False
     return True
+
+
+@pytest.fixture
+def tiny_disk(tmp_path):
+    mount = tmp_path / "tiny"
+    mount.mkdir()
+    result = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(mount)], capture_output=True, text=True)
+    if result.returncode != 0:
+        pytest.skip(f"cannot mount a small tmpfs to fill up: {result.stderr.strip() or result.returncode}")
+    yield mount
+    subprocess.run(["umount", "-l", str(mount)], check=False)
+
+
+def test_a_full_disk_fails_the_run_with_the_reason(tiny_disk):
+    out = tiny_disk / "runs"
+    out.mkdir()
+    stats = os.statvfs(tiny_disk)
+    (tiny_disk / "filler").write_bytes(
+        b"\0" * (stats.f_bavail * stats.f_frsize - 20 * 1024)
+    )  # room for the manifest and input list, not for predictions
+    result = subprocess.run(
+        [sys.executable, "-m", "pipeline", "run", "--out", str(out), "--batch-size", "8"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        env={**os.environ, "PYTHONPATH": str(ROOT)},
+        timeout=480,
+    )
+    assert result.returncode == 1, result.stderr
+    manifest = runs.read_manifest(next(out.iterdir()))
+    assert manifest.status == "failed" and "No space left" in manifest.reason
+    assert "Traceback" not in result.stderr
