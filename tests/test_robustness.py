@@ -19,7 +19,7 @@ from PIL import Image
 from pipeline import runs
 from pipeline.runner import RunRequest, run
 
-from .conftest import ROOT, SAMPLE
+from .conftest import ROOT, SAMPLE, run_cli
 
 
 def photo(size=(640, 480)) -> Image.Image:
@@ -153,14 +153,7 @@ def test_a_killed_driver_reads_as_interrupted_and_resumes_without_duplicates(tmp
         os.killpg(process.pid, signal.SIGKILL)  # what is left of the dead driver's local Ray
     manifest = runs.read_manifest(path)
     assert manifest.status == "interrupted" and 0 < manifest.counts.done < 200
-    result = subprocess.run(
-        [sys.executable, "-m", "pipeline", "resume", str(path)],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        env={**os.environ, "PYTHONPATH": str(ROOT)},
-        timeout=480,
-    )
+    result = run_cli("resume", str(path), timeout=480)
     assert result.returncode == 0, result.stderr
     assert_exactly_once(path)
     assert runs.read_manifest(path).resumed == 1
@@ -189,17 +182,9 @@ def test_a_full_disk_fails_the_run_with_the_reason(tiny_disk):
     out = tiny_disk / "runs"
     out.mkdir()
     stats = os.statvfs(tiny_disk)
-    (tiny_disk / "filler").write_bytes(
-        b"\0" * (stats.f_bavail * stats.f_frsize - 20 * 1024)
-    )  # room for the manifest and input list, not for predictions
-    result = subprocess.run(
-        [sys.executable, "-m", "pipeline", "run", "--out", str(out), "--batch-size", "8"],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        env={**os.environ, "PYTHONPATH": str(ROOT)},
-        timeout=480,
-    )
+    room = 20 * 1024  # enough for the manifest and the input list, not for predictions
+    (tiny_disk / "filler").write_bytes(b"\0" * (stats.f_bavail * stats.f_frsize - room))
+    result = run_cli("run", "--out", str(out), "--batch-size", "8", timeout=480)
     assert result.returncode == 1, result.stderr
     manifest = runs.read_manifest(next(out.iterdir()))
     assert manifest.status == "failed" and "No space left" in manifest.reason
