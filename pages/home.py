@@ -15,9 +15,10 @@ st.markdown(
 
 left, middle, right = st.columns(3)
 left.metric(
-    "Dataset", widgets.SAMPLE_DATA.name if settings.data == str(widgets.SAMPLE_DATA) else settings.data.rstrip("/").rsplit("/", 1)[-1]
+    "Dataset",
+    widgets.SAMPLE_DATA.name if settings.data == str(widgets.SAMPLE_DATA) else settings.data_display.rstrip("/").rsplit("/", 1)[-1],
 )
-left.caption(settings.data)
+left.caption(settings.data_display)
 middle.metric("Model", settings.model)
 right.metric("Ray cluster", settings.address or "local")
 right.caption(f"runs saved in {settings.out}")

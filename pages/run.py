@@ -24,7 +24,7 @@ except UserError as error:
     st.error(f"{error}. Check the Ray cluster address in the sidebar (or use `local`).")
 
 with st.form("launch"):
-    st.markdown(f"**{settings.model}** on `{settings.data}`")
+    st.markdown(f"**{settings.model}** on `{settings.data_display}`")
     c1, c2, c3, c4 = st.columns(4)
     batch_size = c1.number_input("Batch size", min_value=1, max_value=4096, value=64, step=8)
     concurrency = c2.number_input("Concurrency (model actors; 0 = auto)", min_value=0, max_value=256, value=0, step=1)

@@ -21,7 +21,7 @@ from pipeline.errors import UserError, one_line
 from pipeline.inference import Classifier
 from pipeline.models import DEFAULT_MODEL, ModelSpec, describe, ensure_weights, parse_model, registry
 from pipeline.preprocess import open_rgb
-from pipeline.sources import SAMPLE_DATA, Listing, list_images, open_source, read_bytes
+from pipeline.sources import SAMPLE_DATA, Listing, list_images, open_source, read_bytes, redact_uri
 
 ROOT = Path(__file__).resolve().parent.parent
 SETTINGS = ("data", "model", "address", "out")
@@ -53,6 +53,11 @@ class Settings:
     model: str
     address: str
     out: str
+
+    @property
+    def data_display(self) -> str:
+        """The dataset URI safe to show: credentials written into it are dropped."""
+        return redact_uri(self.data)
 
     @property
     def address_or_none(self) -> str | None:

@@ -46,6 +46,7 @@ def test_models_lists_the_embedded_default_as_offline():
         (["preview", "--data", "s3://"], "no bucket"),
         (["frobnicate"], "invalid choice"),
         (["resume", "/no/such/run"], "not a run folder"),
+        (["run", "--concurrency", "64"], "exceeds the cluster's"),
     ],
 )
 def test_bad_input_exits_2_with_one_line(args, message):

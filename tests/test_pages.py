@@ -124,3 +124,35 @@ def test_analytics_reports_a_corrupt_run_in_one_line(runs_dir):
     at = app("analytics")
     assert not at.exception
     assert len(at.error) == 1 and "Cannot read run" in at.error[0].value
+
+
+def test_an_interrupted_run_offers_resume(runs_dir):
+    run_id = write_run(runs_dir, status="running")
+    manifest_file = runs_dir / run_id / "manifest.json"
+    import json
+
+    data = json.loads(manifest_file.read_text())
+    data.update(pid=2**22 + 1, pid_started=0.0)  # a process that does not exist: the run was interrupted
+    manifest_file.write_text(json.dumps(data))
+    at = app("run")
+    assert not at.exception
+    assert any(button.label == "Resume" for button in at.button)
+    assert any("process stopped" in warning.value for warning in at.warning)
+
+
+def test_the_data_allow_list_is_enforced(runs_dir, tmp_path, monkeypatch):
+    allowed = tmp_path / "allowed"
+    allowed.mkdir()
+    monkeypatch.setenv("DASHBOARD_DATA_ROOTS", str(allowed))
+    at = app()
+    at.sidebar.text_input(key="setting_data").set_value("/etc").run()
+    assert any("outside the folders this dashboard may read" in e.value for e in at.sidebar.error)
+    at.sidebar.text_input(key="setting_data").set_value(str(SAMPLE)).run()  # the embedded sample stays allowed
+    assert not at.sidebar.error
+
+
+def test_credentials_in_a_dataset_uri_are_not_shown(runs_dir):
+    at = app()
+    at.sidebar.text_input(key="setting_data").set_value("s3://AKIAEXAMPLE:verysecret@bucket/images").run()
+    shown = " ".join(str(getattr(element, "value", "")) for element in [*at.main, *at.sidebar.error, *at.sidebar.caption])
+    assert "verysecret" not in shown and "AKIAEXAMPLE" not in shown
