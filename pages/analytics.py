@@ -114,6 +114,8 @@ if has_truth:
             y=matrix.index,
             colorscale="Blues",
             hovertemplate="truth %{y}<br>predicted %{x}<br>%{z}<extra></extra>",
+            texttemplate="%{z}" if matrix.size <= 400 else None,  # counts in the cells while they stay legible
+            showscale=False,
         )
     )
     heat.update_layout(

@@ -105,17 +105,22 @@ def live_view(run_id: str) -> None:
         st.plotly_chart(figure, use_container_width=True, key=f"live-{run_id}")
 
 
-all_runs = widgets.runs_in(settings)
-watched = st.session_state.get("watch_run") or next((m.run_id for _, m in all_runs if m.status == "running"), None)
-if watched is None and all_runs:
-    watched = all_runs[0][1].run_id
+existing = widgets.runs_in(settings)
+watched = st.session_state.get("watch_run") or next((m.run_id for _, m in existing if m.status == "running"), None)
+if watched is None and existing:
+    watched = existing[0][1].run_id
 if watched:
     live_view(watched)
 
-st.subheader("All runs")
-if not all_runs:
-    st.info(f"No runs in {root} yet.")
-else:
+
+@st.fragment(run_every=3.0)
+def runs_table() -> None:
+    """Every run in the output folder, re-read every few seconds so new and finishing runs show up."""
+    all_runs = widgets.runs_in(settings)
+    st.subheader("All runs")
+    if not all_runs:
+        st.info(f"No runs in {root} yet.")
+        return
     table = pd.DataFrame(
         [
             {
@@ -150,3 +155,6 @@ else:
     if watch and watch != st.session_state.get("watch_run"):
         st.session_state["watch_run"] = watch
         st.rerun()
+
+
+runs_table()
