@@ -162,6 +162,7 @@ def test_run_survives_closing_the_page_and_restarting_the_server(browser, runs_d
     page.get_by_label("Limit (0 = all images)").fill("40")
     page.get_by_role("button", name="Start run").click()
     page.get_by_text("images (").first.wait_for(timeout=120_000)  # live progress bar text
+    page.get_by_text("No runs in").wait_for(state="detached", timeout=30_000)  # the runs table picks it up
     page.screenshot(path=str(SHOTS / "run-live.png"), full_page=True)
     page.close()
     stop_server(process)  # the run is a process of its own: it keeps going
