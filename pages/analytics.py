@@ -161,7 +161,7 @@ def gallery(title: str, rows: pd.DataFrame) -> None:
     columns = st.columns(6)
     for i, row in enumerate(rows.head(GALLERY).itertuples()):
         with columns[i % 6].container(border=True):
-            data = widgets.thumbnail(row.path)
+            data = widgets.thumbnail(row.path, manifest.dataset, manifest.params.s3_endpoint)
             if data:
                 st.image(data, use_container_width=True)
             else:

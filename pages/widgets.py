@@ -21,7 +21,7 @@ from pipeline.errors import UserError, one_line
 from pipeline.inference import Classifier
 from pipeline.models import DEFAULT_MODEL, ModelSpec, describe, ensure_weights, parse_model, registry
 from pipeline.preprocess import open_rgb
-from pipeline.sources import SAMPLE_DATA, Listing, list_images, open_source, read_bytes, redact_uri
+from pipeline.sources import SAMPLE_DATA, Listing, Source, list_images, open_source, read_bytes, redact_uri
 
 ROOT = Path(__file__).resolve().parent.parent
 SETTINGS = ("data", "model", "address", "out")
@@ -179,11 +179,16 @@ def cluster_resources(address: str) -> dict:
     return json.loads(result.stdout.strip().splitlines()[-1])
 
 
+@st.cache_resource(show_spinner=False, ttl=300, max_entries=8)
+def cached_source(dataset: str, s3_endpoint: str | None) -> Source:
+    return open_source(dataset, s3_endpoint)
+
+
 @st.cache_data(show_spinner=False, max_entries=512)
-def thumbnail(uri: str, size: int = 224) -> bytes | None:
-    """A small JPEG of an image by its run path (local or s3://, credentials from the environment)."""
+def thumbnail(uri: str, dataset: str, s3_endpoint: str | None, size: int = 224) -> bytes | None:
+    """A small JPEG of a run's image, read through its dataset's filesystem (S3 keys from the environment)."""
     try:
-        source = open_source(uri.rsplit("/", 1)[0] if "://" in uri else str(Path(uri).parent))
+        source = cached_source(dataset, s3_endpoint)
         image = open_rgb(read_bytes(source.filesystem, source.to_fs_path(uri)), min_side=size)
         image.thumbnail((size, size))
         buffer = io.BytesIO()

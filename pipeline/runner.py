@@ -160,11 +160,6 @@ def start(request: RunRequest) -> tuple[Path, Source]:
     return path, source
 
 
-def _done_paths(path: Path) -> set[str]:
-    done = set(runs.read_predictions(path, columns=["path"]).column("path").to_pylist())
-    return done | set(runs.read_errors(path).column("path").to_pylist())
-
-
 def _score(table: pa.Table, accuracy: Accuracy) -> None:
     truth = table.column("ground_truth")
     labelled = pc.is_valid(truth)
@@ -173,14 +168,6 @@ def _score(table: pa.Table, accuracy: Accuracy) -> None:
     for gt, topk in zip(truth.to_pylist(), table.column("topk_labels").to_pylist(), strict=True):
         if gt is not None and gt in topk:
             accuracy.top5_correct += 1
-
-
-def _restore_accuracy(path: Path) -> Accuracy:
-    accuracy = Accuracy()
-    done = runs.read_predictions(path, columns=["ground_truth", "label", "topk_labels"])
-    if done.num_rows:
-        _score(done, accuracy)
-    return accuracy
 
 
 class StopFlag:
@@ -214,26 +201,31 @@ def execute(path: Path, on_progress: ProgressCallback | None = None, source: Sou
     previous_elapsed = manifest.elapsed_s
     spec = ModelSpec(**{k: manifest.model[k] for k in ModelSpec.__dataclass_fields__})
     inputs = pq.read_table(path / runs.INPUTS)
-    done = _done_paths(path)
-    todo = inputs.filter(pc.invert(pc.is_in(inputs.column("path"), pa.array(list(done), pa.string())))) if done else inputs
+    predicted = runs.read_predictions(path, columns=["path", "ground_truth", "label", "topk_labels"])
+    failed = runs.read_errors(path)
+    done = pa.concat_arrays([predicted.column("path").combine_chunks(), failed.column("path").combine_chunks()])
+    todo = inputs.filter(pc.invert(pc.is_in(inputs.column("path"), done))) if len(done) else inputs
     counts = manifest.counts
-    counts.predicted = runs.read_predictions(path, columns=["path"]).num_rows
-    counts.failed = runs.read_errors(path).num_rows
-    manifest.accuracy = _restore_accuracy(path) if done else Accuracy()
+    counts.predicted, counts.failed = predicted.num_rows, failed.num_rows
+    manifest.accuracy = Accuracy()
+    if predicted.num_rows:  # a resumed run goes on from what is already on disk
+        _score(predicted, manifest.accuracy)
     writer = RunWriter(path)
     progress = Progress(counts, previous_elapsed)
 
+    last_write = 0.0
+
     def report(force: bool = False) -> None:
+        nonlocal last_write
         progress.elapsed_s = previous_elapsed + time.monotonic() - began
         manifest.elapsed_s = round(progress.elapsed_s, 3)
         manifest.images_per_s = progress.rate
         if on_progress:
             on_progress(progress)
-        if force or time.monotonic() - report.last_write >= heartbeat_s:
+        if force or time.monotonic() - last_write >= heartbeat_s:
             runs.write_manifest(path, manifest)
-            report.last_write = time.monotonic()
+            last_write = time.monotonic()
 
-    report.last_write = 0.0
     seen: set[str] = set()
     try:
         report(force=True)
@@ -246,8 +238,7 @@ def execute(path: Path, on_progress: ProgressCallback | None = None, source: Sou
             progress.started_s = progress.elapsed_s
             dataset = build_dataset(todo, source, spec, work, manifest.params.topk, manifest.params.precision)
             for batch in dataset.iter_batches(batch_format="pyarrow", batch_size=None, prefetch_batches=1):
-                batch = batch.filter(pc.invert(pc.is_in(batch.column("path"), pa.array(list(seen), pa.string())))) if seen else batch
-                seen.update(batch.column("path").to_pylist())
+                batch = _first_sightings(batch, seen)
                 failed = pc.is_valid(batch.column("error"))
                 errors = batch.filter(failed).select(["path", "error"])
                 predictions = batch.filter(pc.invert(failed)).drop_columns(["error"])
@@ -281,6 +272,14 @@ def execute(path: Path, on_progress: ProgressCallback | None = None, source: Sou
         raise
     _finish(path, manifest, report)
     return manifest
+
+
+def _first_sightings(batch: pa.Table, seen: set[str]) -> pa.Table:
+    """Drop rows already received (a batch redone after a worker died), remembering the new ones."""
+    paths = batch.column("path").to_pylist()
+    fresh = [path not in seen for path in paths]
+    seen.update(paths)
+    return batch if all(fresh) else batch.filter(pa.array(fresh))
 
 
 def _flush_quietly(writer: RunWriter) -> None:

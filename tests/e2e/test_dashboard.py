@@ -186,6 +186,8 @@ def test_run_survives_closing_the_page_and_restarting_the_server(browser, runs_d
         assert page.locator(".js-plotly-plot .main-svg").count() >= 4
         text = page.locator('[data-testid="stMain"]').inner_text()
         assert "Top-1" in text and "Per class" in text and "Misclassified" in text
+        thumbnails = page.locator('[data-testid="stImage"] img')
+        assert thumbnails.count() >= 12 and thumbnails.first.evaluate("img => img.naturalWidth") > 50
         assert_no_exception(page, "analytics")
         page.close()
     finally:
