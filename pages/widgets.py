@@ -92,10 +92,26 @@ def sidebar_settings() -> Settings:
         else:
             listing = cached_listing(settings.data)
             st.caption(f"{len(listing.files):,} images" + (f", {listing.skipped:,} other files skipped" if listing.skipped else ""))
-        model_problem = model_error(settings.model)
-        if model_problem:
-            st.error(model_problem)
+        for problem in (model_error(settings.model), cluster_problem(settings.address), output_problem(settings.out)):
+            if problem:
+                st.error(problem)
     return settings
+
+
+def cluster_problem(address: str) -> str | None:
+    try:
+        cluster_resources(address)
+    except UserError as error:
+        return f"{error}. Use `local`, or the address of a running Ray head."
+    return None
+
+
+def output_problem(out: str) -> str | None:
+    path = Path(out).expanduser()
+    probe = next((p for p in (path, *path.parents) if p.exists()), None)
+    if probe is None or not probe.is_dir() or not os.access(probe, os.W_OK):
+        return f"Output folder {out} cannot be created or written; choose another."
+    return None
 
 
 def _leave_legacy_multipage_mode() -> None:

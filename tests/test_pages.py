@@ -156,3 +156,17 @@ def test_credentials_in_a_dataset_uri_are_not_shown(runs_dir):
     at.sidebar.text_input(key="setting_data").set_value("s3://AKIAEXAMPLE:verysecret@bucket/images").run()
     shown = " ".join(str(getattr(element, "value", "")) for element in [*at.main, *at.sidebar.error, *at.sidebar.caption])
     assert "verysecret" not in shown and "AKIAEXAMPLE" not in shown
+
+
+def test_unreachable_cluster_and_bad_output_folder_are_reported(runs_dir, tmp_path):
+    from .conftest import free_port
+
+    blocker = tmp_path / "a-file"
+    blocker.write_text("x")
+    at = app()
+    at.sidebar.text_input(key="setting_address").set_value(f"127.0.0.1:{free_port()}").run()
+    at.sidebar.text_input(key="setting_out").set_value(str(blocker / "runs")).run()
+    errors = [e.value for e in at.sidebar.error]
+    assert any("cannot connect to the Ray cluster" in e for e in errors)
+    assert any("cannot be created or written" in e for e in errors)
+    assert not at.exception
