@@ -14,6 +14,7 @@ from dataclasses import dataclass
 import numpy as np
 import pyarrow as pa
 
+from .errors import UserError
 from .models import ModelSpec, describe, load_module
 from .preprocess import Preprocessing, decode, describe_error
 from .sources import Source, read_bytes
@@ -142,8 +143,6 @@ class Plan:
 
 def plan(total: int, cpus: float, gpus: float, batch_size: int, concurrency: int | None, num_gpus: float | None) -> Plan:
     """Sensible defaults: one actor per GPU; on CPUs, few actors with several torch threads each."""
-    from .errors import UserError
-
     if batch_size < 1:
         raise UserError(f"batch size must be a positive integer, got {batch_size}")
     if num_gpus is None:

@@ -21,7 +21,7 @@ import pyarrow.parquet as pq
 
 from . import cluster, runs
 from .errors import UserError, one_line
-from .inference import PRECISIONS, build_dataset, plan
+from .inference import PRECISIONS, build_dataset, plan, resolve_precision
 from .labels import LabelMapper, folder_of
 from .models import ModelInfo, ModelSpec, describe, ensure_weights
 from .runs import Accuracy, Counts, Manifest, RunParams, RunWriter
@@ -234,7 +234,9 @@ def execute(path: Path, on_progress: ProgressCallback | None = None, source: Sou
             info = cluster.connect(manifest.params.address)
             params = manifest.params
             work = plan(todo.num_rows, info.cpus, info.gpus, params.batch_size, params.concurrency, params.num_gpus)
-            manifest.device = f"{work.concurrency}× {'GPU' if work.num_gpus else 'CPU'} actor(s) on {info.address}"
+            device = "cuda" if work.num_gpus else "cpu"
+            precision = resolve_precision(params.precision, device)
+            manifest.device = f"{work.concurrency}× {device.upper()} actor(s), {precision}, on {info.address}"
             progress.started_s = progress.elapsed_s
             dataset = build_dataset(todo, source, spec, work, manifest.params.topk, manifest.params.precision)
             for batch in dataset.iter_batches(batch_format="pyarrow", batch_size=None, prefetch_batches=1):
