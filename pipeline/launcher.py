@@ -53,7 +53,7 @@ def launch_run(request: RunRequest) -> Launch:
     args = ["run", "--data", request.data, "--out", str(out), "--run-id", run_id, "--batch-size", str(request.batch_size)]
     args += ["--precision", request.precision]
     optional = {
-        "--model": spec.name if spec.name != "custom" else None,
+        "--model": None if spec.name == "custom" else spec.display_name,
         "--checkpoint": spec.checkpoint,
         "--arch": spec.arch,
         "--labels": spec.labels_file,
@@ -63,8 +63,6 @@ def launch_run(request: RunRequest) -> Launch:
         "--address": request.address,
         "--s3-endpoint": request.s3_endpoint,
     }
-    if spec.weights and spec.name != "custom":
-        optional["--model"] = f"{spec.name}:{spec.weights}"
     for flag, value in optional.items():
         if value is not None:
             args += [flag, str(value)]
