@@ -115,14 +115,15 @@ class ProgressPrinter:
         self.tty = stream.isatty()
         self.interval_s = 0.2 if self.tty else interval_s
         self.last = 0.0
+        self.finished_shown = False
 
     def __call__(self, progress) -> None:
         now = time.monotonic()
         counts = progress.counts
         finished = counts.done >= counts.inputs
-        if now - self.last < self.interval_s and not finished:
+        if self.finished_shown or (now - self.last < self.interval_s and not finished):
             return
-        self.last = now
+        self.last, self.finished_shown = now, finished
         rate = f"{progress.rate:6.1f} img/s" if progress.rate else "  starting"
         eta = f"ETA {format_duration(progress.eta_s)}" if progress.eta_s is not None else "ETA --"
         text = f"{counts.done}/{counts.inputs} {rate} {eta} elapsed {format_duration(progress.elapsed_s)}"
