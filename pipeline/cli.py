@@ -31,24 +31,23 @@ class Parser(argparse.ArgumentParser):
         raise ArgumentError(f"{message} (see --help)")
 
 
-def positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be a positive integer, got {value}")
-    return value
+def _number(kind: type, what: str, minimum: float, bound: str):
+    """An argparse type: ``kind`` parsed from text, at least ``minimum``, with one-line messages."""
+
+    def parse(text: str):
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected {what}, got {text!r}") from None
+        if value < minimum:
+            raise argparse.ArgumentTypeError(f"must be {bound}, got {value:g}")
+        return value
+
+    return parse
 
 
-def non_negative_float(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"must be ≥ 0, got {value:g}")
-    return value
+positive_int = _number(int, "a whole number", 1, "a positive integer")
+non_negative_float = _number(float, "a number", 0, "≥ 0")
 
 
 def _add_source_options(parser: argparse.ArgumentParser) -> None:
