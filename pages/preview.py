@@ -21,7 +21,7 @@ show_topk = st.toggle("Show top-5 for every image", value=False)
 
 key = (settings.data, settings.model, n, int(seed))
 if go or st.session_state.get("preview_key") != key:
-    problem = widgets.dataset_problem(settings.data) or widgets.model_error(settings.model)
+    problem = widgets.dataset_problem(settings.data) or widgets.model_problem(settings.model)
     if problem:
         st.error(problem)
         st.stop()

@@ -39,7 +39,7 @@ with st.form("launch"):
     submitted = st.form_submit_button("Start run", type="primary", disabled=resources is None)
 
 if submitted:
-    problem = widgets.dataset_problem(settings.data) or widgets.model_error(settings.model)
+    problem = widgets.dataset_problem(settings.data) or widgets.model_problem(settings.model)
     if problem:
         st.error(problem)
     else:

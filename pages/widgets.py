@@ -7,6 +7,7 @@ import json
 import os
 import subprocess
 import sys
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -92,18 +93,23 @@ def sidebar_settings() -> Settings:
         else:
             listing = cached_listing(settings.data)
             st.caption(f"{len(listing.files):,} images" + (f", {listing.skipped:,} other files skipped" if listing.skipped else ""))
-        for problem in (model_error(settings.model), cluster_problem(settings.address), output_problem(settings.out)):
+        for problem in (model_problem(settings.model), cluster_problem(settings.address), output_problem(settings.out)):
             if problem:
                 st.error(problem)
     return settings
 
 
-def cluster_problem(address: str) -> str | None:
+def _problem(check: Callable[[], object], advice: str = "") -> str | None:
+    """One line saying what is wrong (the UserError's text and what to do about it), or None."""
     try:
-        cluster_resources(address)
+        check()
     except UserError as error:
-        return f"{error}. Use `local`, or the address of a running Ray head."
+        return f"{error}{advice}"
     return None
+
+
+def cluster_problem(address: str) -> str | None:
+    return _problem(lambda: cluster_resources(address), ". Use `local`, or the address of a running Ray head.")
 
 
 def output_problem(out: str) -> str | None:
@@ -153,20 +159,11 @@ def cached_listing(data: str) -> Listing:
 
 
 def dataset_problem(data: str) -> str | None:
-    """One line saying what is wrong with a dataset URI, or None."""
-    try:
-        cached_listing(data)
-    except UserError as error:
-        return f"{error}. Enter a folder with images, or s3://bucket/prefix."
-    return None
+    return _problem(lambda: cached_listing(data), ". Enter a folder with images, or s3://bucket/prefix.")
 
 
-def model_error(name: str) -> str | None:
-    try:
-        ensure_weights(describe(parse_model(name)))
-    except UserError as error:
-        return str(error)
-    return None
+def model_problem(name: str) -> str | None:
+    return _problem(lambda: ensure_weights(describe(parse_model(name))))
 
 
 @st.cache_resource(show_spinner="Loading the model…", max_entries=2)
