@@ -9,6 +9,7 @@ driver can account for every input.
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -58,13 +59,14 @@ class Classifier:
             logits = self.module(batch)
         return torch.softmax(logits.float(), dim=1)
 
-    def top_k(self, images: np.ndarray, k: int = 5) -> tuple[np.ndarray, np.ndarray]:
-        """Indices and scores of the k most likely classes, best first."""
+    def top_k(self, images: np.ndarray, k: int = 5, label_set: Sequence[int] = ()) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Indices and scores of the k most likely classes, best first, and the scores of ``label_set``'s classes."""
         import torch
 
         probabilities = self.probabilities(images)
         scores, indices = torch.topk(probabilities, min(k, probabilities.shape[1]), dim=1)
-        return indices.cpu().numpy(), scores.cpu().numpy()
+        subset = probabilities[:, list(label_set)] if label_set else probabilities[:, :0]
+        return indices.cpu().numpy(), scores.cpu().numpy(), subset.cpu().numpy()
 
 
 def resolve_precision(precision: str, device: str) -> str:
@@ -95,6 +97,7 @@ class PredictorOptions:
     topk: int = 5
     precision: str = "auto"
     threads: int | None = None
+    label_set: tuple[int, ...] = ()
 
 
 class Predictor:
@@ -103,6 +106,7 @@ class Predictor:
     def __init__(self, options: PredictorOptions):
         self.classifier = Classifier(options.spec, precision=options.precision, threads=options.threads)
         self.topk = options.topk
+        self.label_set = options.label_set
 
     def __call__(self, batch: dict[str, np.ndarray]) -> pa.Table:
         errors = [str(e) if e else None for e in batch["error"]]
@@ -110,8 +114,9 @@ class Predictor:
         n, k = len(errors), self.topk
         top_idx = np.zeros((n, k), dtype=np.int64)
         top_scores = np.zeros((n, k), dtype=np.float32)
+        set_scores = np.zeros((n, len(self.label_set)), dtype=np.float32)
         if ok.any():
-            top_idx[ok], top_scores[ok] = self.classifier.top_k(batch["image"][ok], k)
+            top_idx[ok], top_scores[ok], set_scores[ok] = self.classifier.top_k(batch["image"][ok], k, self.label_set)
         categories = self.classifier.categories
         names = [[categories[i] for i in row] if good else None for row, good in zip(top_idx, ok, strict=True)]
         return pa.table(
@@ -124,6 +129,10 @@ class Predictor:
                 "topk_labels": pa.array(names, pa.list_(pa.string())),
                 "topk_scores": pa.array(
                     [row.tolist() if good else None for row, good in zip(top_scores, ok, strict=True)], pa.list_(pa.float32())
+                ),
+                "label_set_scores": pa.array(
+                    [row.tolist() if good and self.label_set else None for row, good in zip(set_scores, ok, strict=True)],
+                    pa.list_(pa.float32()),
                 ),
                 "error": pa.array(errors, pa.string()),
             }
@@ -164,7 +173,15 @@ def plan(total: int, cpus: float, gpus: float, batch_size: int, concurrency: int
     return Plan(concurrency, num_gpus, threads, batch_size, block_rows)
 
 
-def build_dataset(inputs: pa.Table, source: Source, spec: ModelSpec, plan_: Plan, topk: int = 5, precision: str = "auto"):
+def build_dataset(
+    inputs: pa.Table,
+    source: Source,
+    spec: ModelSpec,
+    plan_: Plan,
+    topk: int = 5,
+    precision: str = "auto",
+    label_set: Sequence[int] = (),
+):
     """The lazy Ray Dataset of prediction rows (plus error rows) for ``inputs`` (path, ground_truth)."""
     import ray.data
 
@@ -184,7 +201,7 @@ def build_dataset(inputs: pa.Table, source: Source, spec: ModelSpec, plan_: Plan
     )
     return decoded.map_batches(
         Predictor,
-        fn_constructor_kwargs={"options": PredictorOptions(spec, topk, precision, plan_.threads)},
+        fn_constructor_kwargs={"options": PredictorOptions(spec, topk, precision, plan_.threads, tuple(label_set))},
         batch_size=plan_.batch_size,
         batch_format="numpy",
         concurrency=plan_.concurrency,

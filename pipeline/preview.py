@@ -68,7 +68,7 @@ def preview(listing: Listing, classifier: Classifier, n: int = 10, seed: int = 0
         rows.append(row)
     good = [row for row in rows if row.error is None]
     if good:
-        indices, scores = classifier.top_k(np.stack(crops), k)
+        indices, scores, _ = classifier.top_k(np.stack(crops), k)
         for row, idx, sc in zip(good, indices, scores, strict=True):
             row.topk = [(classifier.categories[i], float(s)) for i, s in zip(idx, sc, strict=True)]
     return PreviewResult(rows, time.perf_counter() - began)

@@ -11,7 +11,7 @@ import os
 import signal
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -26,6 +26,8 @@ from .labels import LabelMapper, folder_of
 from .models import ModelInfo, ModelSpec, describe, ensure_weights
 from .runs import Accuracy, Counts, Manifest, RunParams, RunWriter
 from .sources import SAMPLE_DATA, Listing, Source, list_images, open_source, redact_uri
+
+MAX_LABEL_SET = 100  # classes whose scores every row stores for label-set-restricted evaluation
 
 
 @dataclass
@@ -95,6 +97,16 @@ def label_inputs(listing: Listing, categories) -> pa.Table:
     return pa.table({"path": pa.array(paths, pa.string()), "ground_truth": pa.array(truths, pa.string())})
 
 
+def label_set(inputs: pa.Table, categories: Sequence[str]) -> list[str] | None:
+    """The model classes the dataset's ground truth uses, in model order, when they are a real subset
+    small enough to store their scores on every row (Imagenette: 10 of ImageNet's 1,000)."""
+    known = set(categories)
+    present = {truth for truth in pc.unique(inputs.column("ground_truth")).to_pylist() if truth in known}
+    if not 2 <= len(present) <= MAX_LABEL_SET or len(present) == len(categories):
+        return None
+    return [name for name in categories if name in present]
+
+
 def _check_writable(out: Path) -> None:
     try:
         out.mkdir(parents=True, exist_ok=True)
@@ -154,20 +166,12 @@ def start(request: RunRequest) -> tuple[Path, Source]:
         ),
         counts=Counts(inputs=len(listing.files), skipped=listing.skipped),
     )
+    inputs = label_inputs(listing, info.categories)
+    manifest.label_set = label_set(inputs, info.categories)
     manifest.claim()
-    runs.atomic_write_table(path / runs.INPUTS, label_inputs(listing, info.categories))
+    runs.atomic_write_table(path / runs.INPUTS, inputs)
     runs.write_manifest(path, manifest)
     return path, source
-
-
-def _score(table: pa.Table, accuracy: Accuracy) -> None:
-    truth = table.column("ground_truth")
-    labelled = pc.is_valid(truth)
-    accuracy.labelled += pc.sum(labelled).as_py() or 0
-    accuracy.top1_correct += pc.sum(pc.equal(table.column("label"), truth)).as_py() or 0
-    for gt, topk in zip(truth.to_pylist(), table.column("topk_labels").to_pylist(), strict=True):
-        if gt is not None and gt in topk:
-            accuracy.top5_correct += 1
 
 
 class StopFlag:
@@ -201,7 +205,7 @@ def execute(path: Path, on_progress: ProgressCallback | None = None, source: Sou
     previous_elapsed = manifest.elapsed_s
     spec = ModelSpec(**{k: manifest.model[k] for k in ModelSpec.__dataclass_fields__})
     inputs = pq.read_table(path / runs.INPUTS)
-    predicted = runs.read_predictions(path, columns=["path", "ground_truth", "label", "topk_labels"])
+    predicted = runs.read_predictions(path, columns=["path", "ground_truth", "label", "topk_labels", "label_set_scores"])
     failed = runs.read_errors(path)
     done = pa.concat_arrays([predicted.column("path").combine_chunks(), failed.column("path").combine_chunks()])
     todo = inputs.filter(pc.invert(pc.is_in(inputs.column("path"), done))) if len(done) else inputs
@@ -209,7 +213,7 @@ def execute(path: Path, on_progress: ProgressCallback | None = None, source: Sou
     counts.predicted, counts.failed = predicted.num_rows, failed.num_rows
     manifest.accuracy = Accuracy()
     if predicted.num_rows:  # a resumed run goes on from what is already on disk
-        _score(predicted, manifest.accuracy)
+        runs.score_rows(predicted, manifest.accuracy, manifest.label_set)
     writer = RunWriter(path)
     progress = Progress(counts, previous_elapsed)
 
@@ -238,7 +242,9 @@ def execute(path: Path, on_progress: ProgressCallback | None = None, source: Sou
             precision = resolve_precision(params.precision, device)
             manifest.device = f"{work.concurrency}× {device.upper()} actor(s), {precision}, on {info.address}"
             progress.started_s = progress.elapsed_s
-            dataset = build_dataset(todo, source, spec, work, manifest.params.topk, manifest.params.precision)
+            categories = describe(spec).categories
+            label_set_indices = [categories.index(name) for name in manifest.label_set or ()]
+            dataset = build_dataset(todo, source, spec, work, params.topk, params.precision, label_set_indices)
             for batch in dataset.iter_batches(batch_format="pyarrow", batch_size=None, prefetch_batches=1):
                 batch = _first_sightings(batch, seen)
                 failed = pc.is_valid(batch.column("error"))
@@ -247,7 +253,7 @@ def execute(path: Path, on_progress: ProgressCallback | None = None, source: Sou
                 writer.add(predictions, errors)
                 counts.predicted += predictions.num_rows
                 counts.failed += errors.num_rows
-                _score(predictions, manifest.accuracy)
+                runs.score_rows(predictions, manifest.accuracy, manifest.label_set)
                 report()
                 if stop():
                     break

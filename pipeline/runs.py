@@ -16,12 +16,16 @@ import re
 import secrets
 import socket
 import time
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field, fields
 from datetime import UTC, datetime
 from pathlib import Path
 
+import numpy as np
 import psutil
 import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.dataset as pads
 import pyarrow.parquet as pq
 
 from .errors import UserError
@@ -46,6 +50,8 @@ PREDICTION_SCHEMA = pa.schema(
         ("score", pa.float32()),
         ("topk_labels", pa.list_(pa.string())),
         ("topk_scores", pa.list_(pa.float32())),
+        # Scores of the dataset's own classes (Manifest.label_set order), for label-set-restricted evaluation.
+        ("label_set_scores", pa.list_(pa.float32())),
     ]
 )
 ERROR_SCHEMA = pa.schema([("path", pa.string()), ("error", pa.string())])
@@ -75,6 +81,7 @@ class Accuracy:
     labelled: int = 0
     top1_correct: int = 0
     top5_correct: int = 0
+    label_set_correct: int = 0
 
     @property
     def top1(self) -> float | None:
@@ -83,6 +90,11 @@ class Accuracy:
     @property
     def top5(self) -> float | None:
         return self.top5_correct / self.labelled if self.labelled else None
+
+    @property
+    def label_set_top1(self) -> float | None:
+        """Top-1 with the argmax taken among the dataset's classes only (None without a label set)."""
+        return self.label_set_correct / self.labelled if self.labelled else None
 
 
 @dataclass
@@ -117,10 +129,13 @@ class Manifest:
     pid_started: float | None = None
     host: str | None = None
     resumed: int = 0
+    # The model classes that are the dataset's ground-truth classes, when they are a small subset.
+    label_set: list[str] | None = None
 
     def to_json(self) -> dict:
         data = asdict(self)
         data["accuracy"].update(top1=self.accuracy.top1, top5=self.accuracy.top5)
+        data["accuracy"]["label_set_top1"] = self.accuracy.label_set_top1 if self.label_set else None
         return data
 
     @classmethod
@@ -247,12 +262,22 @@ def prediction_parts(path: Path) -> list[Path]:
     return sorted((path / PREDICTIONS).glob("part-*.parquet"))
 
 
-def read_predictions(path: str | Path, columns: list[str] | None = None) -> pa.Table:
-    """All prediction rows written so far (also for a run still in progress)."""
+def read_predictions(path: str | Path, columns: list[str] | None = None, categorical: Sequence[str] = ()) -> pa.Table:
+    """All prediction rows written so far (also for a run still in progress).
+
+    Columns a part lacks (written before they existed) read as nulls. ``categorical`` string
+    columns come back dictionary-encoded, straight from Parquet's own dictionaries: a million
+    labels then cost a million small integers, not a million Python strings.
+    """
+    schema = pa.schema(
+        [pa.field(f.name, pa.dictionary(pa.int32(), pa.string())) if f.name in categorical else f for f in PREDICTION_SCHEMA]
+    )
+    columns = columns or schema.names
     parts = prediction_parts(Path(path))
     if not parts:
-        return PREDICTION_SCHEMA.empty_table().select(columns or PREDICTION_SCHEMA.names)
-    return pa.concat_tables(pq.read_table(part, columns=columns) for part in parts)
+        return schema.empty_table().select(columns)
+    file_format = pads.ParquetFileFormat(read_options=pads.ParquetReadOptions(dictionary_columns=set(categorical)))
+    return pads.dataset([str(p) for p in parts], schema=schema, format=file_format).to_table(columns=columns)
 
 
 def read_errors(path: str | Path) -> pa.Table:
@@ -269,10 +294,60 @@ def cancel_requested(path: Path) -> bool:
     return (path / CANCEL_REQUEST).exists()
 
 
+def score_rows(table: pa.Table, accuracy: Accuracy, label_set: Sequence[str] | None = None) -> None:
+    """Add a batch of prediction rows to the running accuracy (vectorised: runs can be millions of rows)."""
+    truth = table.column("ground_truth").combine_chunks()
+    accuracy.labelled += pc.sum(pc.is_valid(truth)).as_py() or 0
+    accuracy.top1_correct += pc.sum(pc.equal(table.column("label"), truth)).as_py() or 0
+    accuracy.top5_correct += int(topk_hits(table.column("topk_labels"), truth).sum())
+    if label_set and "label_set_scores" in table.column_names:
+        choice, _ = label_set_choice(table.column("label_set_scores"), len(label_set))
+        names = np.array([*label_set, None], dtype=object)
+        accuracy.label_set_correct += int(np.sum(names[choice] == truth.to_numpy(zero_copy_only=False)))
+
+
+def topk_hits(topk_labels: pa.ChunkedArray | pa.Array, truth: pa.Array) -> np.ndarray:
+    """Per row: is the ground truth among the top-k labels (False where there is no ground truth)."""
+    lists = _one_chunk(topk_labels)
+    parents = pc.list_parent_indices(lists).to_numpy()
+    equal = pc.equal(pc.list_flatten(lists), pc.take(_one_chunk(truth), pa.array(parents))).fill_null(False)
+    hit = np.zeros(len(lists), dtype=bool)
+    hit[parents[equal.to_numpy(zero_copy_only=False)]] = True
+    return hit
+
+
+def label_set_choice(scores: pa.ChunkedArray | pa.Array, width: int) -> tuple[np.ndarray, np.ndarray]:
+    """Per row, the position in the label set of its best-scoring class (``width`` where the row has
+    no scores) and that class's probability renormalised over the label set (0 where none)."""
+    scores = _one_chunk(scores)
+    present = pc.list_value_length(scores).fill_null(0).to_numpy(zero_copy_only=False) == width
+    choice = np.full(len(scores), width)
+    confidence = np.zeros(len(scores), dtype=np.float32)
+    if width and present.any():
+        matrix = pc.list_flatten(scores.filter(pa.array(present))).to_numpy().reshape(-1, width)
+        choice[present] = matrix.argmax(axis=1)
+        confidence[present] = matrix.max(axis=1) / np.maximum(matrix.sum(axis=1), np.finfo(np.float32).tiny)
+    return choice, confidence
+
+
+def _one_chunk(array: pa.ChunkedArray | pa.Array) -> pa.Array:
+    return array.combine_chunks() if isinstance(array, pa.ChunkedArray) else array
+
+
+def conform(table: pa.Table) -> pa.Table:
+    """Prediction rows in PREDICTION_SCHEMA's column order; columns the producer lacks become nulls."""
+    for column in PREDICTION_SCHEMA:
+        if column.name not in table.column_names:
+            table = table.append_column(column, pa.nulls(table.num_rows, column.type))
+    return table.select(PREDICTION_SCHEMA.names).cast(PREDICTION_SCHEMA)
+
+
 class RunWriter:
     """Streams prediction rows into numbered Parquet parts and keeps errors in one file."""
 
-    def __init__(self, path: Path, flush_rows: int = 2000, flush_seconds: float = 3.0):
+    default_part_rows = 2000
+
+    def __init__(self, path: Path, flush_rows: int = default_part_rows, flush_seconds: float = 3.0):
         self.path = path
         self.flush_rows = flush_rows
         self.flush_seconds = flush_seconds
@@ -298,7 +373,7 @@ class RunWriter:
     def flush(self) -> None:
         """Make everything received so far durable."""
         if self._pending:
-            table = pa.concat_tables(self._pending).cast(PREDICTION_SCHEMA)
+            table = conform(pa.concat_tables(self._pending))
             atomic_write_table(self.path / PREDICTIONS / f"part-{self._next_part:06d}.parquet", table)
             self._next_part += 1
             self._pending, self._pending_rows = [], 0

@@ -22,7 +22,7 @@ def test_embedded_model_loads_offline_and_recognises_tench():
     assert info.available_offline and info.preprocessing.mean == (0.5, 0.5, 0.5)
     assert info.preprocessing.interpolation == "bicubic"
     classifier = Classifier(spec, device="cpu")
-    indices, scores = classifier.top_k(sample_crops("n01440764", 6, info.preprocessing))
+    indices, scores, _ = classifier.top_k(sample_crops("n01440764", 6, info.preprocessing))
     top1 = [classifier.categories[row[0]] for row in indices]
     assert top1.count("tench") >= 5
     assert np.all(np.diff(scores, axis=1) <= 0) and np.all(scores <= 1)

@@ -50,6 +50,17 @@ def test_run_accounts_for_every_input_and_writes_the_manifest(small_folder, tmp_
         assert row["topk_scores"][0] == pytest.approx(row["score"]) and 0 < row["score"] <= 1
     assert "image" not in pq.read_schema(runs.prediction_parts(path)[0]).names
 
+    # label-set-restricted evaluation: the dataset's 3 classes, their scores on every row
+    assert on_disk["label_set"] == ["tench", "English springer", "cassette player"]  # ImageNet order
+    for row in predictions:
+        scores = dict(zip(on_disk["label_set"], row["label_set_scores"], strict=True))
+        for label, score in zip(row["topk_labels"], row["topk_scores"], strict=True):
+            if label in scores:  # the same probability, whichever column it is read from
+                assert scores[label] == pytest.approx(score, rel=1e-5)
+    restricted = sum(on_disk["label_set"][max(range(3), key=r["label_set_scores"].__getitem__)] == r["ground_truth"] for r in labelled)
+    assert on_disk["accuracy"]["label_set_correct"] == restricted
+    assert on_disk["accuracy"]["label_set_top1"] >= on_disk["accuracy"]["top1"]
+
 
 def test_cancel_keeps_rows_and_resume_finishes_without_duplicates(small_folder, tmp_path):
     path, _ = start(RunRequest(data=str(small_folder), out=str(tmp_path), batch_size=2))
