@@ -99,3 +99,12 @@ def describe_error(error: Exception) -> str:
     if "truncated" in text.lower():
         return f"truncated image data: {text}"
     return f"{type(error).__name__}: {text}" if not isinstance(error, ValueError) else text
+
+
+def thumbnail_jpeg(data: bytes, size: int = 224, quality: int = 85) -> bytes:
+    """A small upright JPEG of an image (for galleries and reports), decoded at reduced scale."""
+    image = open_rgb(data, min_side=size)
+    image.thumbnail((size, size))
+    buffer = io.BytesIO()
+    image.save(buffer, "JPEG", quality=quality)
+    return buffer.getvalue()
