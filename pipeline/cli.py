@@ -103,6 +103,21 @@ def build_parser() -> Parser:
 
     runs = commands.add_parser("runs", help="list the runs in a runs folder")
     runs.add_argument("--out", default="runs")
+
+    report = commands.add_parser("report", help="write a run's analytics as one self-contained HTML file")
+    report.add_argument("run_dir")
+    report.add_argument("-o", "--output", default=None, help="file to write (default: RUN_DIR/report.html)")
+
+    compare = commands.add_parser("compare", help="compare two runs over the same images")
+    compare.add_argument("run_a")
+    compare.add_argument("run_b")
+
+    synthesize = commands.add_parser("synthesize", help="write a synthetic run of N rows (scale tests, demos)")
+    synthesize.add_argument("--rows", type=positive_int, required=True)
+    synthesize.add_argument("--out", default="runs")
+    synthesize.add_argument("--classes", type=positive_int, default=10, help="ground-truth classes (default 10, Imagenette's)")
+    synthesize.add_argument("--run-id", default=None)
+    synthesize.add_argument("--seed", type=int, default=0)
     return parser
 
 
@@ -187,6 +202,8 @@ def _report(path: Path, manifest, out) -> int:
     summary = f"{manifest.status}: {counts.predicted} predicted, {counts.failed} failed, {counts.skipped} skipped"
     if manifest.accuracy.top1 is not None:
         summary += f"; top-1 {manifest.accuracy.top1:.1%}, top-5 {manifest.accuracy.top5:.1%}"
+        if manifest.label_set:
+            summary += f", top-1 among the dataset's {len(manifest.label_set)} classes {manifest.accuracy.label_set_top1:.1%}"
     if manifest.images_per_s:
         summary += f"; {manifest.images_per_s:.1f} img/s"
     if manifest.reason and manifest.status != "complete":
@@ -246,7 +263,59 @@ def cmd_cluster(args) -> int:
     return 0
 
 
-COMMANDS = {"cluster": cmd_cluster, "run": cmd_run, "resume": cmd_resume, "preview": cmd_preview, "models": cmd_models, "runs": cmd_runs}
+def cmd_report(args) -> int:
+    from .report import write_report
+
+    print(write_report(_existing_run(args.run_dir), args.output))
+    return 0
+
+
+def cmd_compare(args) -> int:
+    from . import metrics
+    from .runs import read_manifest
+
+    loaded = []
+    for run in (args.run_a, args.run_b):
+        path = _existing_run(run)
+        loaded.append(metrics.load(path, read_manifest(path).label_set))
+    comparison = metrics.compare(*loaded)
+    if not comparison.common:
+        raise UserError("the two runs have no image in common")
+    _, distance = comparison.drift()
+    print(f"images in common: {comparison.common:,} (only in A: {comparison.only_a:,}, only in B: {comparison.only_b:,})")
+    print(f"agreement: {comparison.agreement():.2%}; label distribution shift (total variation): {distance:.2%}")
+    for name, side in (("A", comparison.a), ("B", comparison.b)):
+        summary = metrics.summary(side)
+        if summary.top1 is not None:
+            print(f"top-1 {name}: {summary.top1:.2%}")
+    return 0
+
+
+def cmd_synthesize(args) -> int:
+    from .synthetic import write_synthetic_run
+
+    print(write_synthetic_run(args.out, args.rows, args.run_id, args.classes, seed=args.seed))
+    return 0
+
+
+def _existing_run(run_dir: str) -> Path:
+    path = Path(run_dir)
+    if not (path / "manifest.json").is_file():
+        raise UserError(f"{run_dir} is not a run folder (no manifest.json)")
+    return path
+
+
+COMMANDS = {
+    "cluster": cmd_cluster,
+    "run": cmd_run,
+    "resume": cmd_resume,
+    "preview": cmd_preview,
+    "models": cmd_models,
+    "runs": cmd_runs,
+    "report": cmd_report,
+    "compare": cmd_compare,
+    "synthesize": cmd_synthesize,
+}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -59,3 +59,31 @@ def test_bad_input_exits_2_with_one_line(args, message):
 def test_empty_folder_exits_2(tmp_path):
     result = run_cli("run", "--data", str(tmp_path), "--out", str(tmp_path / "runs"))
     assert result.returncode == 2 and "is empty" in result.stderr
+
+
+def test_synthesize_report_and_compare(tmp_path):
+    made = [
+        run_cli("synthesize", "--rows", "3000", "--out", str(tmp_path), "--run-id", name, "--seed", seed)
+        for name, seed in (("a", "0"), ("b", "1"))
+    ]
+    assert all(result.returncode == 0 for result in made), made[0].stderr
+    a, b = (Path(result.stdout.strip().splitlines()[-1]) for result in made)
+    report = run_cli("report", str(a), "-o", str(tmp_path / "a.html"))
+    assert report.returncode == 0 and report.stdout.strip() == str(tmp_path / "a.html")
+    assert "Plotly.newPlot" in (tmp_path / "a.html").read_text()
+    compared = run_cli("compare", str(a), str(b))
+    assert compared.returncode == 0, compared.stderr
+    assert "images in common: 3,000" in compared.stdout and "agreement:" in compared.stdout
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["report", "/nonexistent/run"], "is not a run folder"),
+        (["compare", "/nonexistent/a", "/nonexistent/b"], "is not a run folder"),
+        (["synthesize", "--rows", "0"], "must be a positive integer"),
+    ],
+)
+def test_analytics_commands_reject_bad_input_in_one_line(args, message):
+    result = run_cli(*args)
+    assert result.returncode == 2 and message in result.stderr and len(result.stderr.strip().splitlines()) == 1
