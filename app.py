@@ -12,6 +12,7 @@ navigation = st.navigation(
         st.Page("pages/preview.py", title="Preview", icon=":material/photo_library:", url_path="preview"),
         st.Page("pages/run.py", title="Run", icon=":material/play_circle:", url_path="run"),
         st.Page("pages/analytics.py", title="Analytics", icon=":material/insights:", url_path="analytics"),
+        st.Page("pages/compare.py", title="Compare", icon=":material/compare_arrows:", url_path="compare"),
     ]
 )
 widgets.sidebar_settings()

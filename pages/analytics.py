@@ -1,18 +1,22 @@
-"""Analytics: label distributions, accuracy, confusion, per-class scores, confidence, galleries, export."""
+"""Analytics of one run: label distributions, accuracy, per-class scores, confusion, calibration,
+galleries, failures and exports. Live while the run is still writing rows."""
 
+from functools import partial
 from pathlib import Path
 
-import pandas as pd
-import plotly.express as px
-import plotly.graph_objects as go
+import numpy as np
 import streamlit as st
 
 from pages import widgets
-from pipeline import metrics, runs
+from pipeline import charts, metrics, report, runs
 from pipeline.errors import UserError
 
-COLUMNS = ["path", "ground_truth", "label", "score", "topk_labels", "topk_scores"]
 GALLERY = 12
+OUTCOMES = ["All", "Correct", "Wrong", "No ground truth"]
+PROGRESS = {
+    name: st.column_config.ProgressColumn(name, min_value=0.0, max_value=1.0, format="percent")
+    for name in ("precision", "recall", "f1", "share of class")
+}
 
 settings = widgets.current_settings()
 st.title("Analytics")
@@ -21,171 +25,179 @@ all_runs = widgets.runs_in(settings)
 if not all_runs:
     st.info(f"No runs in {widgets.runs_root(settings)} yet. Start one from the Run page.")
     st.stop()
-
-ids = [manifest.run_id for _, manifest in all_runs]
-wanted = st.query_params.get("run")
-run_id = st.selectbox(
-    "Run",
-    ids,
-    index=ids.index(wanted) if wanted in ids else 0,
-    format_func=lambda i: f"{i} ({next(m.status for _, m in all_runs if m.run_id == i)})",
-)
-st.query_params["run"] = run_id
-path = next(p for p, m in all_runs if m.run_id == run_id)
+path, picked = widgets.pick_run("Run", all_runs, key="run")
 
 
-@st.cache_data(show_spinner="Reading predictions…", max_entries=4)
-def load(path: str, version: tuple) -> pd.DataFrame:
-    """Only the columns the charts need; ``version`` (parts, size) invalidates it as rows arrive."""
-    return runs.read_predictions(path, columns=COLUMNS).to_pandas()
+def filters(p: metrics.Predictions, manifest: runs.Manifest) -> tuple[metrics.Predictions, str | None]:
+    """The rows the user wants to look at, and a description of the filter (None when all rows)."""
+    with st.expander("Filters", expanded=False):
+        c1, c2, c3 = st.columns([3, 2, 2])
+        chosen = c1.multiselect("Class (ground truth or prediction)", list(p.classes), key="filter_classes")
+        low, high = c2.slider("Confidence", 0.0, 1.0, (0.0, 1.0), 0.01, key="filter_confidence")
+        outcome = c3.segmented_control("Outcome", OUTCOMES, default="All", key="filter_outcome") or "All"
+        restricted = False
+        if p.label_set_label is not None:
+            restricted = st.toggle(
+                f"Answer only with the dataset's {len(manifest.label_set or ())} classes (label-set-restricted evaluation)",
+                key="filter_restricted",
+                help="Takes the argmax among the dataset's ground-truth classes instead of all the model's classes.",
+            )
+    if restricted:
+        p = p.restricted()
+    mask = (p.score >= low) & (p.score <= high)
+    if chosen:
+        codes = [p.code(name) for name in chosen]
+        mask &= np.isin(p.label, codes) | np.isin(p.truth, codes)
+    mask &= {"All": True, "Correct": p.correct, "Wrong": p.labelled & ~p.correct, "No ground truth": ~p.labelled}[outcome]
+    parts = [f"classes {', '.join(chosen)}"] if chosen else []
+    if (low, high) != (0.0, 1.0):
+        parts.append(f"confidence {low:.2f}–{high:.2f}")
+    if outcome != "All":
+        parts.append(outcome.lower())
+    if restricted:
+        parts.append("label-set-restricted")
+    return (p.subset(mask) if not mask.all() else p), ("; ".join(parts) or None)
 
 
-def version_of(path: Path) -> tuple:
-    parts = runs.prediction_parts(path)
-    return len(parts), sum(p.stat().st_size for p in parts)
-
-
-try:
-    manifest = runs.read_manifest(path)
-    frame = load(str(path), version_of(path))
-    errors = runs.read_errors(path).to_pandas()
-except (UserError, OSError, ValueError) as error:
-    st.error(f"Cannot read run {run_id}: {error}. The run folder may be damaged; pick another run.")
-    st.stop()
-
-if manifest.status == "running":
-    st.info("This run is still in progress: refresh to see new rows.")
-    if st.button("Refresh"):
-        st.rerun()
-
-summary = metrics.summary(frame)
-k = st.columns(5)
-k[0].metric("Predicted", f"{summary.predicted:,}")
-k[1].metric("Failed", f"{len(errors):,}")
-k[2].metric("Top-1", widgets.percent(summary.top1))
-k[3].metric("Top-5", widgets.percent(summary.top5))
-k[4].metric("Mean confidence", widgets.percent(summary.mean_score))
-st.caption(
-    f"**{manifest.model.get('display_name', '?')}** on {manifest.dataset} · {widgets.status_badge(manifest.status)} · "
-    f"{manifest.counts.inputs:,} inputs"
-)
-
-if frame.empty:
-    st.warning("No predictions in this run yet.")
-    st.stop()
-
-with st.expander("Filters", expanded=False):
-    f1, f2 = st.columns([2, 1])
-    classes = sorted(set(frame["label"]) | set(frame["ground_truth"].dropna()))
-    chosen = f1.multiselect("Class (ground truth or prediction)", classes)
-    low, high = f2.slider("Confidence", 0.0, 1.0, (0.0, 1.0), 0.01)
-view = frame[(frame["score"] >= low) & (frame["score"] <= high)]
-if chosen:
-    view = view[view["label"].isin(chosen) | view["ground_truth"].isin(chosen)]
-if len(view) != len(frame):
-    st.caption(f"Showing {len(view):,} of {len(frame):,} predictions")
-
-has_truth = view["ground_truth"].notna().any()
-top_n = 20
-
-left, right = st.columns(2)
-distribution = metrics.label_distribution(view["label"], top_n)
-left.plotly_chart(widgets.label_bar(distribution, f"Predicted labels (top {top_n})", height=520), use_container_width=True)
-
-histogram = metrics.confidence_histogram(view)
-conf = px.bar(
-    histogram,
-    x="confidence",
-    y="count",
-    color="outcome",
-    title="Confidence",
-    height=520,
-    color_discrete_map={"correct": "#2e7d32", "incorrect": "#c62828", "no ground truth": "#78909c"},
-)
-conf.update_layout(bargap=0.05, margin=widgets.CHART_MARGIN, xaxis_title="top-1 confidence")
-right.plotly_chart(conf, use_container_width=True)
-
-if has_truth:
-    matrix = metrics.confusion(view)
-    heat = go.Figure(
-        go.Heatmap(
-            z=matrix.values,
-            x=matrix.columns,
-            y=matrix.index,
-            colorscale="Blues",
-            hovertemplate="truth %{y}<br>predicted %{x}<br>%{z}<extra></extra>",
-            texttemplate="%{z}" if matrix.size <= 400 else None,  # counts in the cells while they stay legible
-            showscale=False,
-        )
-    )
-    heat.update_layout(
-        title="Ground truth vs prediction",
-        height=560,
-        xaxis_title="predicted",
-        yaxis_title="ground truth",
-        yaxis={"autorange": "reversed"},
-        margin=widgets.CHART_MARGIN,
-    )
+def overview(view: metrics.Predictions) -> None:
     left, right = st.columns(2)
-    left.plotly_chart(heat, use_container_width=True)
-    curve = metrics.accuracy_vs_threshold(view)
-    line = go.Figure()
-    line.add_scatter(x=curve["threshold"], y=curve["accuracy"], name="accuracy of kept", mode="lines")
-    line.add_scatter(x=curve["threshold"], y=curve["coverage"], name="coverage (share kept)", mode="lines", line={"dash": "dot"})
-    line.update_layout(
-        title="Accuracy vs confidence threshold",
-        height=560,
-        xaxis_title="keep predictions with confidence ≥",
-        yaxis={"tickformat": ".0%", "range": [0, 1.02]},
-        margin=widgets.CHART_MARGIN,
+    distribution = metrics.label_distribution(view, 20)
+    left.plotly_chart(charts.label_counts(distribution, "Labels: predicted vs ground truth (top 20)", height=540), width="stretch")
+    right.plotly_chart(charts.confidence_histogram(metrics.confidence_histogram(view), height=540), width="stretch")
+
+
+def confusion_tab(view: metrics.Predictions, manifest: runs.Manifest) -> None:
+    size = st.slider("Classes in the matrix", 5, 40, 20, key="confusion_classes", help="With more classes, the most confused are shown.")
+    matrix = metrics.confusion(view, size)
+    height = max(480, 28 * len(matrix) + 160)
+    st.plotly_chart(
+        charts.heatmap(matrix, "Ground truth vs prediction (confused classes side by side)", "predicted", "truth", height),
+        width="stretch",
     )
-    right.plotly_chart(line, use_container_width=True)
-
-    st.subheader("Per class")
-    st.dataframe(
-        metrics.per_class(view),
-        hide_index=True,
-        use_container_width=True,
-        column_config={
-            name: st.column_config.ProgressColumn(name, min_value=0.0, max_value=1.0, format="percent")
-            for name in ("precision", "recall", "f1")
-        },
-    )
-
-
-def gallery(title: str, rows: pd.DataFrame) -> None:
-    st.subheader(title)
-    if rows.empty:
-        st.caption("Nothing to show.")
+    pairs = metrics.confused_pairs(view, 20)
+    st.subheader("Most confused pairs")
+    if pairs.empty:
+        st.caption("No mistakes here.")
         return
-    columns = st.columns(6)
-    for i, row in enumerate(rows.head(GALLERY).itertuples()):
-        with columns[i % 6].container(border=True):
-            data = widgets.thumbnail(row.path, manifest.dataset, manifest.params.s3_endpoint)
-            if data:
-                st.image(data, use_container_width=True)
-            else:
-                st.caption("(image unavailable)")
-            st.markdown(f"**{row.label}** · {row.score:.0%}")
-            if isinstance(row.ground_truth, str):
-                st.caption(f"truth: {row.ground_truth}")
-
-
-if has_truth:
-    gallery(
-        "Misclassified (most confident first)",
-        view[view["label"] != view["ground_truth"]].dropna(subset=["ground_truth"]).sort_values("score", ascending=False),
+    st.dataframe(pairs, hide_index=True, width="stretch", column_config=PROGRESS)
+    choice = st.selectbox(
+        "Examples of", range(len(pairs)), format_func=lambda i: f"{pairs['truth'][i]} → {pairs['predicted'][i]} ({pairs['count'][i]:,})"
     )
-gallery("Lowest confidence", view.sort_values("score"))
+    truth, label = view.code(pairs["truth"][choice]), view.code(pairs["predicted"][choice])
+    widgets.gallery(metrics.examples(view, (view.truth == truth) & (view.label == label), GALLERY), manifest, _caption)
 
-if not errors.empty:
-    st.subheader(f"Failed images ({len(errors):,})")
-    st.dataframe(errors, hide_index=True, use_container_width=True)
 
-export = view.assign(
-    topk_labels=view["topk_labels"].map(lambda v: "|".join(v)),
-    topk_scores=view["topk_scores"].map(lambda v: "|".join(f"{s:.4f}" for s in v)),
-)
-st.download_button(
-    "Download filtered predictions (CSV)", export.to_csv(index=False).encode(), file_name=f"{run_id}-predictions.csv", mime="text/csv"
-)
+def calibration_tab(view: metrics.Predictions) -> None:
+    calibration = metrics.calibration(view)
+    left, right = st.columns(2)
+    left.plotly_chart(charts.reliability(calibration), width="stretch")
+    right.plotly_chart(charts.coverage(metrics.coverage_curve(view)), width="stretch")
+    st.caption(
+        "Expected calibration error: the gap between confidence and accuracy, averaged over 15 confidence bins weighted by "
+        "their share of images. Accuracy vs coverage: keep only the most confident predictions."
+    )
+
+
+def _caption(row) -> str:
+    truth = f"  \n:red[truth: {row.truth}]" if isinstance(row.truth, str) and row.truth != row.label else ""
+    return f"**{row.label}** · {row.score:.0%}{truth}"
+
+
+def export_tab(path: Path, view: metrics.Predictions, scope: str | None, run_id: str) -> None:
+    st.caption(f"{len(view):,} predictions{f' ({scope})' if scope else ''}. Files are built when you click.")
+    c1, c2, c3 = st.columns(3)
+    rows = view.rows
+    c1.download_button(
+        "Predictions as CSV",
+        partial(report.export_predictions, path, rows, "csv"),
+        f"{run_id}-predictions.csv",
+        "text/csv",
+        on_click="ignore",
+    )
+    c2.download_button(
+        "Predictions as Parquet",
+        partial(report.export_predictions, path, rows, "parquet"),
+        f"{run_id}-predictions.parquet",
+        "application/vnd.apache.parquet",
+        on_click="ignore",
+    )
+    c3.download_button(
+        "Report (self-contained HTML)",
+        partial(report.build_report, path, view, scope),
+        f"{run_id}-report.html",
+        "text/html",
+        on_click="ignore",
+        type="primary",
+    )
+
+
+@st.fragment(run_every=3.0 if picked.status == "running" else None)
+def body() -> None:
+    try:
+        manifest = runs.read_manifest(path)
+        p = widgets.load_predictions(path, manifest)
+        errors = runs.read_errors(path).to_pandas()
+    except (UserError, OSError, ValueError) as error:
+        st.error(f"Cannot read run {picked.run_id}: {error}. The run folder may be damaged; pick another run.")
+        return
+    if manifest.status != picked.status:
+        st.rerun()  # started or stopped polling: the whole page picks the new status up
+    if manifest.status == "running":
+        st.info(f"{widgets.status_badge('running')}: {len(p):,} of {manifest.counts.inputs:,} images so far; updating every 3 s.")
+    st.caption(f"**{manifest.model.get('display_name', '?')}** on {manifest.dataset} · {widgets.status_badge(manifest.status)}")
+    if not len(p):
+        st.warning("No predictions in this run yet.")
+        return
+    view, scope = filters(p, manifest)
+    if scope:
+        st.caption(f"Showing {len(view):,} of {len(p):,} predictions: {scope}")
+    s = metrics.summary(view)
+    k = st.columns(6)
+    k[0].metric("Predicted", f"{s.predicted:,}")
+    k[1].metric("Failed", f"{len(errors):,}")
+    k[2].metric("Top-1", widgets.percent(s.top1))
+    k[3].metric("Top-5", widgets.percent(s.top5))
+    k[4].metric(
+        "Top-1 in dataset's classes",
+        widgets.percent(s.label_set_top1),
+        help="Argmax taken among the dataset's ground-truth classes only (stored per row at run time).",
+    )
+    k[5].metric("Mean confidence", widgets.percent(s.mean_score))
+    labelled = s.labelled > 0
+    names = ["Overview", "Per class", "Confusion", "Calibration", "Examples", f"Failed ({len(errors):,})", "Export"]
+    tabs = dict(zip(names, st.tabs(names), strict=True))
+    with tabs["Overview"]:
+        overview(view)
+    with tabs["Per class"]:
+        if labelled:
+            table = metrics.per_class(view)
+            st.dataframe(
+                table.sort_values("f1"),
+                hide_index=True,
+                width="stretch",
+                column_config=PROGRESS,
+                height=min(600, 36 * len(table) + 40),
+            )
+            st.caption("Click a column header to sort. Precision counts every labelled image predicted as the class.")
+        else:
+            st.caption("These images have no ground truth (no class folders).")
+    with tabs["Confusion"]:
+        confusion_tab(view, manifest) if labelled else st.caption("No ground truth to compare with.")
+    with tabs["Calibration"]:
+        calibration_tab(view) if labelled else st.caption("No ground truth to compare with.")
+    with tabs["Examples"]:
+        if labelled:
+            st.subheader("Misclassified, most confident first")
+            widgets.gallery(metrics.examples(view, view.labelled & ~view.correct, GALLERY), manifest, _caption)
+        st.subheader("Lowest confidence")
+        widgets.gallery(metrics.examples(view, view.score >= 0, GALLERY, most_confident=False), manifest, _caption)
+    with tabs[names[5]]:
+        if errors.empty:
+            st.caption("Every image was read and classified.")
+        else:
+            st.dataframe(errors, hide_index=True, width="stretch")
+    with tabs["Export"]:
+        export_tab(path, view, scope, manifest.run_id)
+
+
+body()

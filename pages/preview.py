@@ -16,7 +16,7 @@ st.caption("A sample of the dataset through the model, right here — nothing is
 left, middle, right = st.columns([3, 1, 1], vertical_alignment="bottom")
 n = left.slider("Images", 1, 64, 16)
 seed = middle.number_input("Seed", min_value=0, value=0, step=1)
-go = right.button("Classify sample", type="primary", use_container_width=True)
+go = right.button("Classify sample", type="primary", width="stretch")
 show_topk = st.toggle("Show top-5 for every image", value=False)
 
 key = (settings.data, settings.model, n, int(seed))
@@ -46,7 +46,7 @@ for start in range(0, len(rows), COLUMNS):
     for column, row in zip(st.columns(COLUMNS), rows[start : start + COLUMNS], strict=False):
         with column.container(border=True):
             if row.thumbnail is not None:
-                st.image(row.thumbnail, use_container_width=True)
+                st.image(row.thumbnail, width="stretch")
             if row.error:
                 st.error(f"{row.relative}: {row.error}")
                 continue
@@ -58,10 +58,10 @@ for start in range(0, len(rows), COLUMNS):
                     {"label": [label for label, _ in row.topk], "score": [score for _, score in row.topk]},
                     hide_index=True,
                     column_config={"score": st.column_config.ProgressColumn("score", min_value=0.0, max_value=1.0, format="%.2f")},
-                    use_container_width=True,
+                    width="stretch",
                 )
             else:
-                with st.popover("Top-5", use_container_width=True):
+                with st.popover("Top-5", width="stretch"):
                     for label, score in row.topk:
                         st.progress(score, text=f"{label} · {score:.1%}")
             st.caption(row.relative)

@@ -6,9 +6,8 @@ import pandas as pd
 import streamlit as st
 
 from pages import widgets
-from pipeline import launcher, runs
+from pipeline import charts, launcher, metrics, runs
 from pipeline.errors import UserError
-from pipeline.metrics import label_distribution
 from pipeline.models import parse_model
 from pipeline.runner import RunRequest
 from pipeline.runs import format_duration
@@ -99,10 +98,12 @@ def live_view(run_id: str) -> None:
         except UserError as error:
             st.error(str(error))
     buttons[1].page_link("pages/analytics.py", label="Open in Analytics", query_params={"run": run_id}, icon=":material/insights:")
-    labels = runs.read_predictions(path, columns=["label"]).column("label").to_pandas()
-    if len(labels):
-        figure = widgets.label_bar(label_distribution(labels, top_n=15), "Predicted labels so far", height=420)
-        st.plotly_chart(figure, use_container_width=True, key=f"live-{run_id}")
+    predictions = widgets.load_predictions(path, manifest)
+    if len(predictions):
+        figure = charts.label_counts(
+            metrics.label_distribution(predictions, top_n=15), "Labels so far: predicted vs ground truth", height=440
+        )
+        st.plotly_chart(figure, width="stretch", key=f"live-{run_id}")
 
 
 existing = widgets.runs_in(settings)
@@ -144,7 +145,7 @@ def runs_table() -> None:
     st.dataframe(
         table,
         hide_index=True,
-        use_container_width=True,
+        width="stretch",
         column_config={
             "top-1": st.column_config.NumberColumn(format="percent"),
             "img/s": st.column_config.NumberColumn(format="%.1f"),

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import io
 import json
 import os
 import subprocess
@@ -12,16 +11,14 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pandas as pd
-import plotly.express as px
-import plotly.graph_objects as go
 import streamlit as st
 
-from pipeline import runs
+from pipeline import metrics, runs
 from pipeline.cluster import LOCAL
 from pipeline.errors import UserError, one_line
 from pipeline.inference import Classifier
 from pipeline.models import DEFAULT_MODEL, ModelSpec, describe, ensure_weights, parse_model, registry
-from pipeline.preprocess import open_rgb
+from pipeline.preprocess import thumbnail_jpeg
 from pipeline.sources import SAMPLE_DATA, Listing, Source, list_images, open_source, read_bytes, redact_uri
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -202,24 +199,9 @@ def thumbnail(uri: str, dataset: str, s3_endpoint: str | None, size: int = 224) 
     """A small JPEG of a run's image, read through its dataset's filesystem (S3 keys from the environment)."""
     try:
         source = cached_source(dataset, s3_endpoint)
-        image = open_rgb(read_bytes(source.filesystem, source.to_fs_path(uri)), min_side=size)
-        image.thumbnail((size, size))
-        buffer = io.BytesIO()
-        image.save(buffer, "JPEG", quality=85)
-        return buffer.getvalue()
+        return thumbnail_jpeg(read_bytes(source.filesystem, source.to_fs_path(uri)), size)
     except Exception:
         return None
-
-
-CHART_MARGIN = {"l": 10, "r": 10, "t": 40, "b": 10}
-
-
-def label_bar(distribution: pd.DataFrame, title: str, height: int = 480) -> go.Figure:
-    """Horizontal bars, most frequent on top and the folded ``(other)`` bar last."""
-    figure = px.bar(distribution, x="count", y="label", orientation="h", title=title, height=height)
-    order = list(distribution["label"])[::-1]
-    figure.update_layout(yaxis={"categoryorder": "array", "categoryarray": order, "title": None}, margin=CHART_MARGIN)
-    return figure
 
 
 def runs_root(settings: Settings) -> Path:
@@ -242,3 +224,58 @@ def show_error(error: Exception) -> None:
 
 def runs_in(settings: Settings) -> list[tuple[Path, runs.Manifest]]:
     return runs.list_runs(runs_root(settings))
+
+
+def run_version(path: Path) -> tuple[int, int]:
+    """Changes whenever prediction rows are added, so cached predictions of a live run refresh."""
+    sizes = []
+    for part in runs.prediction_parts(path):
+        try:
+            sizes.append(part.stat().st_size)
+        except FileNotFoundError:  # replaced under us; the next look sees the new one
+            continue
+    return len(sizes), sum(sizes)
+
+
+@st.cache_resource(show_spinner="Reading predictions…", max_entries=4)
+def _cached_predictions(path: str, version: tuple[int, int], label_set: tuple[str, ...]) -> metrics.Predictions:
+    """Shared across sessions and never copied: treat as read-only. ``version`` is only a cache key."""
+    return metrics.load(path, list(label_set))
+
+
+def load_predictions(path: Path, manifest: runs.Manifest) -> metrics.Predictions:
+    return _cached_predictions(str(path), run_version(path), tuple(manifest.label_set or ()))
+
+
+def describe_run(manifest: runs.Manifest) -> str:
+    return f"{manifest.run_id} · {manifest.model.get('display_name', '?')} · {manifest.counts.inputs:,} images · {manifest.status}"
+
+
+def pick_run(label: str, all_runs: list[tuple[Path, runs.Manifest]], key: str, default: str | None = None) -> tuple[Path, runs.Manifest]:
+    """A run chooser whose choice is kept in the URL (``?<key>=<run id>``), so views can be linked."""
+    ids = [manifest.run_id for _, manifest in all_runs]
+    by_id = {manifest.run_id: (path, manifest) for path, manifest in all_runs}
+    choice, written = f"run_choice_{key}", f"run_choice_{key}_url"
+    linked = st.query_params.get(key)
+    if st.session_state.get(choice) not in ids or (linked in ids and linked != st.session_state.get(written)):
+        # first visit, a run that went away, or a link to another run: the URL decides
+        st.session_state[choice] = linked if linked in ids else (default if default in ids else ids[0])
+    run_id = st.selectbox(label, ids, key=choice, format_func=lambda i: describe_run(by_id[i][1]))
+    st.query_params[key] = st.session_state[written] = run_id
+    return by_id[run_id]
+
+
+def gallery(rows: pd.DataFrame, manifest: runs.Manifest, caption: Callable[[object], str], columns: int = 6) -> None:
+    """Thumbnails with a caption each; rows need a ``path`` column."""
+    if rows.empty:
+        st.caption("Nothing to show.")
+        return
+    cells = st.columns(columns)
+    for i, row in enumerate(rows.itertuples()):
+        with cells[i % columns].container(border=True):
+            data = thumbnail(row.path, manifest.dataset, manifest.params.s3_endpoint)
+            if data:
+                st.image(data, width="stretch")
+            else:
+                st.caption("(image unavailable)")
+            st.markdown(caption(row))

@@ -29,11 +29,11 @@ def app(page: str | None = None) -> AppTest:
     return at
 
 
-def write_run(runs_dir, run_id="20260101-000000-demo", status="complete") -> str:
+def write_run(runs_dir, run_id="20260101-000000-demo", status="complete", wrong_every: int = 3) -> str:
     """A run in the documented schema over real sample images, as the pipeline would leave it."""
     files = sorted(SAMPLE.rglob("*.JPEG"))[:30]
     truths = ["tench" if f.parent.name == "n01440764" else "English springer" for f in files]
-    labels = [t if i % 3 else "goldfish" for i, t in enumerate(truths)]
+    labels = [t if i % wrong_every else "goldfish" for i, t in enumerate(truths)]
     path = runs.run_dir(runs_dir, run_id)
     path.mkdir()
     table = pa.table(
@@ -170,3 +170,54 @@ def test_unreachable_cluster_and_bad_output_folder_are_reported(runs_dir, tmp_pa
     assert any("cannot connect to the Ray cluster" in e for e in errors)
     assert any("cannot be created or written" in e for e in errors)
     assert not at.exception
+
+
+def test_analytics_tabs_label_set_view_and_exports(runs_dir):
+    run_id = write_run(runs_dir)
+    path = runs_dir / run_id
+    manifest = runs.read_manifest(path)
+    manifest.label_set = ["tench", "English springer"]
+    runs.write_manifest(path, manifest)
+    at = app("analytics")
+    assert not at.exception
+    assert [t.label for t in at.tabs][:5] == ["Overview", "Per class", "Confusion", "Calibration", "Examples"]
+    per_class = next(e for e in at.main if type(e).__name__ == "Dataframe").value
+    assert set(per_class["class"]) == {"tench", "English springer"}
+    # these rows were written without label-set scores: the restricted view keeps their full answers
+    at.toggle[0].set_value(True).run()
+    assert not at.exception and any("label-set-restricted" in c.value for c in at.caption)
+    assert {m.label: m.value for m in at.metric}["Top-1"] == f"{20 / 30:.1%}"
+
+
+def test_compare_page_matches_two_runs(runs_dir):
+    write_run(runs_dir, "20260101-000000-a")
+    write_run(runs_dir, "20260101-000001-b", wrong_every=5)
+    at = app("compare")
+    assert not at.exception
+    shown = {m.label: m.value for m in at.metric}
+    assert shown["Images in common"] == "30"
+    # a is wrong on every 3rd image, b on every 5th: they differ where exactly one of them is wrong
+    differ = sum((i % 3 == 0) != (i % 5 == 0) for i in range(30))
+    assert shown["Agreement"] == f"{1 - differ / 30:.1%}"
+    assert {shown["Top-1 A"], shown["Top-1 B"]} == {f"{20 / 30:.1%}", f"{24 / 30:.1%}"}
+
+
+def test_compare_page_needs_two_runs(runs_dir):
+    write_run(runs_dir)
+    at = app("compare")
+    assert not at.exception and "needs two runs" in at.info[0].value
+
+
+def test_analytics_of_a_running_run_grows_as_rows_arrive(runs_dir):
+    run_id = write_run(runs_dir, status="running")  # owned by this (live) process: it reads as running
+    at = app("analytics")
+    assert not at.exception
+    assert any("30 of 31 images so far" in info.value for info in at.info)
+    assert {m.label: m.value for m in at.metric}["Predicted"] == "30"
+    more = runs.read_predictions(runs_dir / run_id).slice(0, 10)
+    more = more.set_column(0, "path", pa.array([f"/new/{i}.JPEG" for i in range(10)]))
+    writer = RunWriter(runs_dir / run_id)
+    writer.add(more, runs.ERROR_SCHEMA.empty_table())
+    writer.flush()
+    at.run()
+    assert {m.label: m.value for m in at.metric}["Predicted"] == "40"

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from ..conftest import ROOT, free_port
+from ..conftest import ROOT, free_port, run_cli
 
 pytestmark = pytest.mark.e2e
 CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
@@ -110,7 +110,7 @@ def assert_app_chrome(page) -> None:
     """The app's own navigation and shared settings, not Streamlit's folder-based fallback."""
     links = page.locator('[data-testid="stSidebarNavLink"]')
     labels = [links.nth(i).locator("span").last.inner_text().strip() for i in range(links.count())]
-    assert labels == ["Home", "Preview", "Run", "Analytics"]
+    assert labels == ["Home", "Preview", "Run", "Analytics", "Compare"]
     assert page.get_by_role("textbox", name="Dataset").count() == 1
 
 
@@ -120,7 +120,7 @@ def assert_no_exception(page, name: str) -> None:
     assert exceptions.count() == 0, exceptions.first.inner_text()
 
 
-@pytest.mark.parametrize("path", ["", "preview", "run", "analytics"])
+@pytest.mark.parametrize("path", ["", "preview", "run", "analytics", "compare"])
 def test_every_page_loads_without_an_exception(browser, server, path):
     page = open_page(browser, f"{server}/{path}")
     assert page.locator("h1").count() >= 1
@@ -179,16 +179,70 @@ def test_run_survives_closing_the_page_and_restarting_the_server(browser, runs_d
         assert len(run_ids) == 1
         page.close()
 
-        page = open_page(browser, f"{url}/analytics?run={run_ids[0]}", height=3200)
+        page = open_page(browser, f"{url}/analytics?run={run_ids[0]}", height=1600)
         page.wait_for_selector(".js-plotly-plot", timeout=60_000)
         wait_idle(page)
-        assert page.locator(".js-plotly-plot").count() >= 4
-        assert page.locator(".js-plotly-plot .main-svg").count() >= 4
+        assert page.locator(".js-plotly-plot .main-svg").count() >= 5  # charts of every tab are drawn
         text = page.locator('[data-testid="stMain"]').inner_text()
-        assert "Top-1" in text and "Per class" in text and "Misclassified" in text
-        thumbnails = page.locator('[data-testid="stImage"] img')
-        assert thumbnails.count() >= 12 and thumbnails.first.evaluate("img => img.naturalWidth") > 50
+        assert "Top-1" in text and "Top-1 in dataset's" in text and "Labels: predicted vs ground truth" in text
         assert_no_exception(page, "analytics")
+        for tab in ("Per class", "Confusion", "Calibration", "Examples"):
+            page.get_by_role("tab", name=tab).click()
+            page.wait_for_timeout(800)
+            assert_no_exception(page, f"analytics-{tab.lower().replace(' ', '-')}")
+        assert "Misclassified" in page.locator('[data-testid="stMain"]').inner_text()
+        thumbnails = page.locator('[data-testid="stImage"] img:visible')
+        assert thumbnails.count() >= 12 and thumbnails.first.evaluate("img => img.naturalWidth") > 50
         page.close()
     finally:
         stop_server(process)
+
+
+@pytest.fixture(scope="module")
+def two_runs(tmp_path_factory, torch_home) -> Path:
+    """The same 24 images through two real models: the embedded one and a (randomly initialised) resnet18."""
+    out = tmp_path_factory.mktemp("compare-runs")
+    for model in ("efficientnet_lite0", "resnet18"):
+        result = run_cli("run", "--limit", "24", "--model", model, "--out", str(out), env={"TORCH_HOME": str(torch_home)})
+        assert result.returncode == 0, result.stderr
+    return out
+
+
+def test_compare_view_and_the_exported_report(browser, two_runs, tmp_path):
+    process, url = start_server(two_runs)
+    try:
+        page = open_page(browser, f"{url}/compare", height=2400)
+        page.wait_for_selector(".js-plotly-plot .main-svg", timeout=60_000)
+        wait_idle(page)
+        text = page.locator('[data-testid="stMain"]').inner_text()
+        assert "Images in common" in text and "Agreement" in text and "Per-class accuracy" in text
+        common = page.locator('[data-testid="stMetric"]').filter(has_text="Images in common")
+        assert common.locator('[data-testid="stMetricValue"]').inner_text().strip() == "24"
+        assert page.locator(".js-plotly-plot .main-svg").count() >= 3
+        thumbnails = page.locator('[data-testid="stImage"] img')
+        assert thumbnails.count() >= 1 and thumbnails.first.evaluate("img => img.naturalWidth") > 50
+        assert "A " in text and "B " in text  # each disagreement carries both predictions
+        assert_no_exception(page, "compare")
+        page.close()
+
+        run_id = sorted(p.name for p in two_runs.iterdir() if "efficientnet" in p.name)[0]
+        page = open_page(browser, f"{url}/analytics?run={run_id}")
+        page.get_by_role("tab", name="Export").click()
+        with page.expect_download(timeout=60_000) as download:
+            page.get_by_role("button", name="Report (self-contained HTML)").click()
+        report = tmp_path / "report.html"
+        download.value.save_as(report)
+        page.close()
+    finally:
+        stop_server(process)
+
+    # the report on its own, from a file, with the dashboard gone
+    page = browser.new_page(viewport={"width": 1300, "height": 1000})
+    page.goto(report.as_uri())
+    page.wait_for_selector(".js-plotly-plot .main-svg", timeout=30_000)
+    assert page.locator(".js-plotly-plot").count() == 5
+    images = page.locator("figure img")
+    assert images.count() >= 12 and images.first.evaluate("img => img.naturalWidth") > 50
+    assert "Top-1 among the dataset" in page.inner_text("body")
+    page.screenshot(path=str(SHOTS / "report.png"), full_page=True)
+    page.close()
