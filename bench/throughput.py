@@ -80,6 +80,24 @@ def forward_only(model: str, files: list[str], batch_size: int, precision: str, 
     return batches * batch_size / (time.perf_counter() - began)
 
 
+def bf16_fast_path(model: str, files: list[str], batch_size: int, images: int) -> tuple[float, float]:
+    """Top-1 agreement of bf16 autocast with fp32 over ``images`` images, and bf16 forward img/s:
+    the evidence for keeping fp32 on CPUs (bf16 only where agreement is at least 99%)."""
+    spec = parse_model(model)
+    fp32 = Classifier(spec, device="cpu", precision="fp32", threads=os.cpu_count())
+    bf16 = Classifier(spec, device="cpu", precision="bf16", threads=os.cpu_count())
+    agree, seconds = 0, 0.0
+    for start in range(0, min(images, len(files)), batch_size):
+        crops = np.stack([decode(Path(f).read_bytes(), fp32.preprocessing) for f in files[start : start + batch_size]])
+        reference = fp32.top_k(crops, 1)[0][:, 0]
+        began = time.perf_counter()
+        fast = bf16.top_k(crops, 1)[0][:, 0]
+        seconds += time.perf_counter() - began
+        agree += int((fast == reference).sum())
+    counted = min(images, len(files))
+    return agree / counted, counted / seconds
+
+
 def agreement(run_dir: Path, reference_dir: Path) -> float:
     def labels(path: Path) -> dict:
         table = pq.read_table(path / "predictions", columns=["path", "label"])
@@ -102,6 +120,7 @@ def main() -> None:
     parser.add_argument("--models", default="resnet50,efficientnet_lite0")
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--skip", default="", help="comma-separated variants to skip (a,b,c,d,ref)")
+    parser.add_argument("--agreement-images", type=int, default=1000, help="images for the bf16-vs-fp32 check (0: skip)")
     args = parser.parse_args()
     skip = set(filter(None, args.skip.split(",")))
     files = list_images(open_source(args.data)).files
@@ -130,6 +149,8 @@ def main() -> None:
             result["agreement"] = 1.0
         if "c" not in skip:
             result["c"] = forward_only(model, files, args.batch_size, precision)
+        if args.agreement_images:
+            result["bf16_agree"], result["c_bf16"] = bf16_fast_path(model, files, args.batch_size, args.agreement_images)
         if "d" not in skip:
             seconds, rss, _ = measure(
                 [
@@ -148,6 +169,13 @@ def main() -> None:
     print("\nmodel               a img/s  b img/s  c img/s  d img/s   b/a   b/c   b/d  agree  peak RSS b (GiB)")
     for result in rows:
         print(format_row(result))
+    for result in rows:
+        if "bf16_agree" in result:
+            verdict = "fast enough to use" if result["bf16_agree"] >= 0.99 else "below 99%: fp32 stays the CPU default"
+            print(
+                f"{result['model']}: bf16 forward {result['c_bf16']:.1f} img/s; its top-1 equals fp32's on "
+                f"{result['bf16_agree']:.2%} of {min(args.agreement_images, len(files))} images ({verdict})"
+            )
 
 
 def format_row(r: dict) -> str:

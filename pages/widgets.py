@@ -237,7 +237,7 @@ def run_version(path: Path) -> tuple[int, int]:
     return len(sizes), sum(sizes)
 
 
-@st.cache_resource(show_spinner="Reading predictions…", max_entries=4)
+@st.cache_resource(show_spinner="Reading predictions…", max_entries=6)
 def _cached_predictions(path: str, version: tuple[int, int], label_set: tuple[str, ...]) -> metrics.Predictions:
     """Shared across sessions and never copied: treat as read-only. ``version`` is only a cache key."""
     return metrics.load(path, list(label_set))
