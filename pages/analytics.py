@@ -158,9 +158,9 @@ def body() -> None:
     k[2].metric("Top-1", widgets.percent(s.top1))
     k[3].metric("Top-5", widgets.percent(s.top5))
     k[4].metric(
-        "Top-1 in dataset's classes",
+        "Label-set top-1",
         widgets.percent(s.label_set_top1),
-        help="Argmax taken among the dataset's ground-truth classes only (stored per row at run time).",
+        help="Top-1 with the answer taken among the dataset's own classes only (their scores are stored per row at run time).",
     )
     k[5].metric("Mean confidence", widgets.percent(s.mean_score))
     labelled = s.labelled > 0

@@ -184,7 +184,7 @@ def test_run_survives_closing_the_page_and_restarting_the_server(browser, runs_d
         wait_idle(page)
         assert page.locator(".js-plotly-plot .main-svg").count() >= 5  # charts of every tab are drawn
         text = page.locator('[data-testid="stMain"]').inner_text()
-        assert "Top-1" in text and "Top-1 in dataset's" in text and "Labels: predicted vs ground truth" in text
+        assert "Top-1" in text and "Label-set top-1" in text and "Labels: predicted vs ground truth" in text
         assert_no_exception(page, "analytics")
         for tab in ("Per class", "Confusion", "Calibration", "Examples"):
             page.get_by_role("tab", name=tab).click()
