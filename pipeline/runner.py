@@ -104,7 +104,7 @@ def label_set(inputs: pa.Table, categories: Sequence[str]) -> list[str] | None:
     present = {truth for truth in pc.unique(inputs.column("ground_truth")).to_pylist() if truth in known}
     if not 2 <= len(present) <= MAX_LABEL_SET or len(present) == len(categories):
         return None
-    return [name for name in categories if name in present]
+    return list(dict.fromkeys(name for name in categories if name in present))  # a few ImageNet names repeat
 
 
 def _check_writable(out: Path) -> None:
