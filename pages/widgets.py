@@ -19,7 +19,7 @@ from pipeline.errors import UserError, one_line
 from pipeline.inference import Classifier
 from pipeline.models import DEFAULT_MODEL, ModelSpec, describe, ensure_weights, parse_model, registry
 from pipeline.preprocess import thumbnail_jpeg
-from pipeline.sources import SAMPLE_DATA, Listing, Source, list_images, open_source, read_bytes, redact_uri
+from pipeline.sources import SAMPLE_DATA, Listing, Source, list_images, open_source, redact_uri
 
 ROOT = Path(__file__).resolve().parent.parent
 SETTINGS = ("data", "model", "address", "out")
@@ -199,7 +199,7 @@ def thumbnail(uri: str, dataset: str, s3_endpoint: str | None, size: int = 224) 
     """A small JPEG of a run's image, read through its dataset's filesystem (S3 keys from the environment)."""
     try:
         source = cached_source(dataset, s3_endpoint)
-        return thumbnail_jpeg(read_bytes(source.filesystem, source.to_fs_path(uri)), size)
+        return thumbnail_jpeg(source.read(uri), size)
     except Exception:
         return None
 

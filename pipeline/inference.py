@@ -18,7 +18,7 @@ import pyarrow as pa
 from .errors import UserError
 from .models import ModelSpec, describe, load_module
 from .preprocess import Preprocessing, decode, describe_error
-from .sources import Source, read_bytes
+from .sources import Source
 
 PRECISIONS = ("auto", "fp32", "bf16")
 DECODE_BYTES_PER_IMAGE = 4 * 1024 * 1024  # a photo's bytes plus its decoded pixels, generously
@@ -85,7 +85,7 @@ def decode_batch(batch: dict[str, np.ndarray], source: Source, preprocessing: Pr
     errors = [""] * len(paths)
     for i, path in enumerate(paths):
         try:
-            images[i] = decode(read_bytes(source.filesystem, source.to_fs_path(str(path))), preprocessing)
+            images[i] = decode(source.read(str(path)), preprocessing)
         except Exception as error:
             errors[i] = describe_error(error)
     return {"path": paths, "ground_truth": batch["ground_truth"], "image": images, "error": np.array(errors, dtype=object)}

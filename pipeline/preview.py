@@ -15,7 +15,7 @@ from PIL import Image
 from .inference import Classifier
 from .labels import LabelMapper, folder_of
 from .preprocess import describe_error, open_rgb, resize_crop
-from .sources import Listing, read_bytes
+from .sources import Listing
 
 THUMBNAIL = 256
 
@@ -59,7 +59,7 @@ def preview(listing: Listing, classifier: Classifier, n: int = 10, seed: int = 0
         folder = folder_of(relative)
         row = PreviewRow(source.to_uri(fs_path), relative, mapper(folder) if folder else None, [], None)
         try:
-            image = open_rgb(read_bytes(source.filesystem, fs_path), min_side=classifier.preprocessing.resize)
+            image = open_rgb(source.read(fs_path), min_side=classifier.preprocessing.resize)
             crops.append(resize_crop(image, classifier.preprocessing))
             image.thumbnail((THUMBNAIL, THUMBNAIL))
             row.thumbnail = image

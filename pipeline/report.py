@@ -17,7 +17,7 @@ import pyarrow.parquet as pq
 
 from . import charts, metrics, runs
 from .preprocess import thumbnail_jpeg
-from .sources import open_source, read_bytes
+from .sources import Source, open_source
 
 EXAMPLES = 12
 STYLE = """
@@ -46,22 +46,31 @@ def _table(frame: pd.DataFrame, percent_columns: tuple[str, ...] = ()) -> str:
     return frame.to_html(index=False, border=0, formatters=formatters, float_format=lambda v: f"{v:.3f}", escape=True)
 
 
-def _thumbnail(uri: str, manifest: runs.Manifest) -> str | None:
+def _thumbnail(uri: str, source: Source | None) -> str | None:
     """A data: URI of the image, or None when it cannot be read any more (moved, deleted, offline)."""
+    if source is None:
+        return None
     try:
-        source = open_source(manifest.dataset, manifest.params.s3_endpoint)
-        data = thumbnail_jpeg(read_bytes(source.filesystem, source.to_fs_path(uri)), size=160, quality=80)
+        data = thumbnail_jpeg(source.read(uri), size=160, quality=80)
     except Exception:
         return None
     return "data:image/jpeg;base64," + base64.b64encode(data).decode()
 
 
-def _gallery(rows: pd.DataFrame, manifest: runs.Manifest) -> str:
+def _open_dataset(manifest: runs.Manifest) -> Source | None:
+    """The run's dataset, opened once for all thumbnails; None when it cannot be opened any more."""
+    try:
+        return open_source(manifest.dataset, manifest.params.s3_endpoint)
+    except Exception:
+        return None
+
+
+def _gallery(rows: pd.DataFrame, source: Source | None) -> str:
     if rows.empty:
         return "<p>Nothing to show.</p>"
     cells = []
     for row in rows.itertuples():
-        image = _thumbnail(row.path, manifest)
+        image = _thumbnail(row.path, source)
         picture = f'<img src="{image}" alt="">' if image else "<p>(image unavailable)</p>"
         truth = f'<br><span class="wrong">truth: {html.escape(row.truth)}</span>' if isinstance(row.truth, str) else ""
         name = html.escape(Path(row.path).name)
@@ -77,6 +86,7 @@ def build_report(path: str | Path, predictions: metrics.Predictions | None = Non
     manifest = runs.read_manifest(path)
     p = predictions if predictions is not None else metrics.load(path, manifest.label_set)
     errors = runs.read_errors(path)
+    source = _open_dataset(manifest)
     s = metrics.summary(p)
     kpis = [
         ("Predicted", f"{s.predicted:,}"),
@@ -98,9 +108,9 @@ def build_report(path: str | Path, predictions: metrics.Predictions | None = Non
         sections += [
             "<h2>Per class</h2>" + _table(metrics.per_class(p).sort_values("f1"), ("precision", "recall", "f1")),
             "<h2>Most confused pairs</h2>" + _table(metrics.confused_pairs(p), ("share of class",)),
-            "<h2>Misclassified, most confident first</h2>" + _gallery(mistakes, manifest),
+            "<h2>Misclassified, most confident first</h2>" + _gallery(mistakes, source),
         ]
-    sections.append("<h2>Lowest confidence</h2>" + _gallery(metrics.examples(p, p.score >= 0, EXAMPLES, most_confident=False), manifest))
+    sections.append("<h2>Lowest confidence</h2>" + _gallery(metrics.examples(p, p.score >= 0, EXAMPLES, most_confident=False), source))
     if errors.num_rows:
         sections.append(f"<h2>Failed images ({errors.num_rows:,})</h2>" + _table(errors.slice(0, 100).to_pandas()))
     plots = [

@@ -44,6 +44,10 @@ class Source:
         prefix = f"{self.scheme}://"
         return uri[len(prefix) :] if uri.startswith(prefix) else uri
 
+    def read(self, uri: str) -> bytes:
+        """The bytes of one file of this dataset, given by URI or filesystem path."""
+        return read_bytes(self.filesystem, self.to_fs_path(uri))
+
     def relative(self, fs_path: str) -> str:
         return fs_path[len(self.root) :].lstrip("/") if fs_path.startswith(self.root) else fs_path
 
