@@ -13,6 +13,7 @@ from pipeline.errors import UserError
 
 GALLERY = 12
 OUTCOMES = ["All", "Correct", "Wrong", "No ground truth"]
+EXPORTS = (("CSV", "csv", "text/csv"), ("Parquet", "parquet", "application/vnd.apache.parquet"))
 PROGRESS = {
     name: st.column_config.ProgressColumn(name, min_value=0.0, max_value=1.0, format="percent")
     for name in ("precision", "recall", "f1", "share of class")
@@ -105,23 +106,16 @@ def _caption(row) -> str:
 
 def export_tab(path: Path, view: metrics.Predictions, scope: str | None, run_id: str) -> None:
     st.caption(f"{len(view):,} predictions{f' ({scope})' if scope else ''}. Files are built when you click.")
-    c1, c2, c3 = st.columns(3)
-    rows = view.rows
-    c1.download_button(
-        "Predictions as CSV",
-        partial(report.export_predictions, path, rows, "csv"),
-        f"{run_id}-predictions.csv",
-        "text/csv",
-        on_click="ignore",
-    )
-    c2.download_button(
-        "Predictions as Parquet",
-        partial(report.export_predictions, path, rows, "parquet"),
-        f"{run_id}-predictions.parquet",
-        "application/vnd.apache.parquet",
-        on_click="ignore",
-    )
-    c3.download_button(
+    *tables, html = st.columns(3)
+    for column, (name, file_format, mime) in zip(tables, EXPORTS, strict=True):
+        column.download_button(
+            f"Predictions as {name}",
+            partial(report.export_predictions, path, view.rows, file_format),
+            f"{run_id}-predictions.{file_format}",
+            mime,
+            on_click="ignore",
+        )
+    html.download_button(
         "Report (self-contained HTML)",
         partial(report.build_report, path, view, scope),
         f"{run_id}-report.html",
