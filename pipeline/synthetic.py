@@ -100,10 +100,11 @@ def write_synthetic_run(
         raise UserError(f"run {run_id} already exists in {runs_dir}")
     (path / runs.PREDICTIONS).mkdir(parents=True)
     accuracy = runs.Accuracy()
+    label_set = [categories[i] for i in truth]
     for number, start in enumerate(range(0, rows, rows_per_part)):
         table = synthetic_table(min(rows_per_part, rows - start), categories, truth, seed, start)
         runs.atomic_write_table(path / runs.PREDICTIONS / f"part-{number:06d}.parquet", table)
-        runs.score_rows(table, accuracy, [categories[i] for i in truth])
+        runs.score_rows(table, accuracy, label_set)
     runs.atomic_write_table(path / runs.ERRORS, runs.ERROR_SCHEMA.empty_table())
     manifest = runs.Manifest(
         run_id=run_id,
@@ -114,7 +115,7 @@ def write_synthetic_run(
         finished_at=runs.now_iso(),
         counts=runs.Counts(inputs=rows, predicted=rows),
         accuracy=accuracy,
-        label_set=[categories[i] for i in truth],
+        label_set=label_set,
     )
     runs.write_manifest(path, manifest)
     return path
