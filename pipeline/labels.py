@@ -8,7 +8,9 @@ from __future__ import annotations
 
 import re
 from collections.abc import Sequence
+from dataclasses import dataclass
 from functools import lru_cache
+from pathlib import Path
 
 WNID = re.compile(r"^n\d{8}$")
 
@@ -18,25 +20,38 @@ def normalize(name: str) -> str:
     return " ".join(name.replace("_", " ").lower().split())
 
 
-@lru_cache(maxsize=1)
-def _imagenet_info():
-    from timm.data import ImageNetInfo
+IMAGENET_CLASSES_FILE = Path(__file__).with_name("imagenet_classes.tsv")
 
-    return ImageNetInfo()
+
+@dataclass(frozen=True)
+class ImageNetClass:
+    """One ImageNet-1k class: WordNet id, torchvision's display name, WordNet's description."""
+
+    wnid: str
+    name: str
+    description: str
+
+
+@lru_cache(maxsize=1)
+def imagenet_classes() -> tuple[ImageNetClass, ...]:
+    """The 1,000 classes in model order, shipped as text (torchvision's names, timm's WordNet table) so
+    that a driver labelling its inputs never imports torch, whose import costs seconds of every run."""
+    lines = IMAGENET_CLASSES_FILE.read_text(encoding="utf-8").splitlines()
+    return tuple(ImageNetClass(*line.split("\t")) for line in lines)
 
 
 @lru_cache(maxsize=1)
 def wnid_to_index() -> dict[str, int]:
-    """ImageNet-1k WordNet id → class index, from the table timm ships (works offline)."""
-    info = _imagenet_info()
-    return {info.index_to_label_name(i): i for i in range(info.num_classes())}
+    """ImageNet-1k WordNet id → class index."""
+    return {imagenet_class.wnid: index for index, imagenet_class in enumerate(imagenet_classes())}
 
 
 def wnid_description(wnid: str) -> str | None:
     """First synonym of a WordNet id's description (``n01440764`` → ``tench``)."""
-    if wnid not in wnid_to_index():
+    index = wnid_to_index().get(wnid)
+    if index is None:
         return None
-    return _imagenet_info().label_name_to_description(wnid).split(",")[0].strip()
+    return imagenet_classes()[index].description.split(",")[0].strip()
 
 
 class LabelMapper:

@@ -14,6 +14,7 @@ from pathlib import Path
 from urllib.parse import urlparse
 
 from .errors import UserError, one_line
+from .labels import imagenet_classes
 from .preprocess import Preprocessing
 
 DEFAULT_MODEL = "efficientnet_lite0"
@@ -78,10 +79,9 @@ def torchvision_classifiers() -> tuple[str, ...]:
     return tuple(models.list_models(module=models))
 
 
-def _imagenet_categories() -> tuple[str, ...]:
-    from torchvision.models._meta import _IMAGENET_CATEGORIES
-
-    return tuple(_IMAGENET_CATEGORIES)
+def imagenet_categories() -> tuple[str, ...]:
+    """torchvision's ImageNet-1k names, read without importing torch (see ``labels.imagenet_classes``)."""
+    return tuple(imagenet_class.name for imagenet_class in imagenet_classes())
 
 
 def _efficientnet_lite0_file() -> Path:
@@ -154,7 +154,7 @@ def describe(spec: ModelSpec) -> ModelInfo:
         path = _efficientnet_lite0_file()
         return ModelInfo(
             spec,
-            _imagenet_categories(),
+            imagenet_categories(),
             EFFICIENTNET_LITE0_PREPROCESSING,
             "in1k (embedded)",
             str(path),

