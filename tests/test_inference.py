@@ -1,0 +1,86 @@
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from pipeline.errors import UserError
+from pipeline.inference import Classifier, cpu_micro_batch, frozen_graph, plan
+from pipeline.models import DEFAULT_MODEL, describe, parse_model
+from pipeline.preprocess import decode
+
+from .conftest import SAMPLE, run_cli
+
+
+def sample_crops(n: int, prep) -> np.ndarray:
+    files = sorted(SAMPLE.rglob("*.JPEG"))[:n]
+    return np.stack([decode(f.read_bytes(), prep) for f in files])
+
+
+@pytest.mark.parametrize("cpus", [1, 2, 3, 4, 16])
+def test_cpu_actors_always_leave_room_for_a_decode_task(cpus):
+    for concurrency in range(1, cpus + 1):
+        work = plan(1000, cpus, 0, 64, concurrency, None)
+        assert work.actor_cpus * work.concurrency + work.decode_cpus <= cpus
+        assert work.actor_cpus > 0 and work.threads >= 1
+
+
+def test_gpu_actors_leave_room_for_decoding_too():
+    work = plan(1000, 4, 4, 64, None, None)
+    assert (work.concurrency, work.num_gpus, work.threads) == (4, 1.0, None)
+    assert work.actor_cpus * 4 + work.decode_cpus <= 4
+
+
+def test_plan_refuses_what_the_cluster_cannot_hold():
+    with pytest.raises(UserError, match="exceeds"):
+        plan(10, 2, 0, 64, 3, None)
+    with pytest.raises(UserError, match="no GPU"):
+        plan(10, 2, 0, 64, None, 1)
+
+
+def test_as_many_actors_as_cpus_still_finishes(small_folder, tmp_path):
+    """Two single-thread actors on a 2-CPU Ray once held both CPUs and waited forever for a decode slot."""
+    result = run_cli("run", "--data", str(small_folder), "--out", str(tmp_path / "runs"), "--concurrency", "2", timeout=300)
+    assert result.returncode == 0, result.stderr
+    manifest = json.loads((tmp_path / "runs" / result.stdout.strip().splitlines()[-1].split("/")[-1] / "manifest.json").read_text())
+    assert manifest["status"] == "complete" and manifest["counts"]["predicted"] == 9
+
+
+def test_cpu_fast_path_is_a_frozen_graph_that_answers_like_the_eager_network():
+    spec = parse_model(DEFAULT_MODEL)
+    crops = sample_crops(7, describe(spec).preprocessing)  # 7 = a full micro-batch and a padded short one
+    fast = Classifier(spec, device="cpu", precision="fp32", threads=2)
+    assert fast.micro_batch == cpu_micro_batch(2) == 4
+    fast_probabilities = fast.probabilities(crops)
+    assert isinstance(fast.graph, torch.jit.ScriptModule)
+    eager = Classifier(spec, device="cpu", precision="fp32", threads=2)
+    eager.graph_checked = True  # never trace: the eager module on the whole batch is the reference
+    eager.micro_batch = None
+    reference = eager.probabilities(crops)
+    assert fast_probabilities.shape == reference.shape == (7, 1000)
+    assert torch.equal(fast_probabilities.argmax(1), reference.argmax(1))
+    assert torch.allclose(fast_probabilities, reference, atol=1e-5)
+
+
+def test_bf16_on_cpu_keeps_the_eager_network():
+    classifier = Classifier(parse_model(DEFAULT_MODEL), device="cpu", precision="bf16", threads=2)
+    classifier.probabilities(sample_crops(4, classifier.preprocessing))
+    assert classifier.graph is None
+
+
+class Noisy(torch.nn.Module):
+    """Answers differently on every call: a traced copy cannot reproduce it."""
+
+    def forward(self, x):
+        return x.mean(dim=(2, 3)) + torch.rand(x.shape[0], 3)
+
+
+class Untraceable(torch.nn.Module):
+    def forward(self, x):
+        return {"logits": x.mean(dim=(2, 3)), "shape": list(x.shape)}
+
+
+@pytest.mark.parametrize("module", [Noisy(), Untraceable()])
+def test_a_graph_that_fails_or_disagrees_is_not_used(module):
+    with torch.inference_mode():
+        assert frozen_graph(module.eval(), torch.ones(2, 3, 8, 8)) is None
