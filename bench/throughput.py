@@ -1,11 +1,14 @@
 """Throughput and memory, in one invocation, on one folder and model:
 
 (a) Ray's tutorial pipeline as written  (b) this project's pipeline as the CLI runs it
-(c) the model's forward pass alone on pre-decoded tensors (the limit)  (d) a plain PyTorch DataLoader loop
+(c) the model's forward pass alone on pre-decoded crops, exactly as the project's actor runs it
+    (on a CPU: the frozen graph on micro-batches), at the same batch size: the limit for (b)
+(d) a plain PyTorch DataLoader loop with the same decoding and forward pass (what Ray costs)
 
 Whole processes for (a), (b), (d): start-up included, as a user experiences it. Peak RSS is the
 largest sum over the process tree (driver plus Ray's workers). Ratios are what to compare across
-machines. Usage:
+machines. ``--rss-images 1000,10000`` also runs (b) on the folder repeated (symlinks) to each
+count and prints the peak RSS of each. Usage:
 
     python bench/throughput.py [--data DIR] [--models resnet50,efficientnet_lite0] [--batch-size 64]
 """
@@ -69,15 +72,22 @@ def ensure_weights(model: str, torch_home: Path) -> None:
         torch.save(torchvision.models.get_model(spec.name, weights=None).state_dict(), target)
 
 
-def forward_only(model: str, files: list[str], batch_size: int, precision: str, batches: int = 6) -> float:
-    """img/s of the forward pass on pre-decoded uint8 crops, as the project's actor runs it (2 threads)."""
-    classifier = Classifier(parse_model(model), device="cpu", precision=precision, threads=os.cpu_count())
+def forward_only(model: str, files: list[str], batch_size: int, precision: str, batches: int = 6, classifier=None) -> float:
+    """img/s of the forward pass on pre-decoded uint8 crops, as the project's actor runs it (threads = cores)."""
+    classifier = classifier or Classifier(parse_model(model), device="cpu", precision=precision, threads=os.cpu_count())
     crops = np.stack([decode(Path(f).read_bytes(), classifier.preprocessing) for f in files[:batch_size]])
     classifier.top_k(crops)  # warm-up
     began = time.perf_counter()
     for _ in range(batches):
         classifier.top_k(crops)
     return batches * batch_size / (time.perf_counter() - began)
+
+
+def eager_forward(model: str, files: list[str], batch_size: int, batches: int = 3) -> float:
+    """img/s of the plain eager network on whole batches: what the forward pass costs without the fast path."""
+    classifier = Classifier(parse_model(model), device="cpu", precision="fp32", threads=os.cpu_count())
+    classifier.micro_batch = None
+    return forward_only(model, files, batch_size, "fp32", batches, classifier)
 
 
 def bf16_fast_path(model: str, files: list[str], batch_size: int, images: int) -> tuple[float, float]:
@@ -121,6 +131,7 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--skip", default="", help="comma-separated variants to skip (a,b,c,d,ref)")
     parser.add_argument("--agreement-images", type=int, default=1000, help="images for the bf16-vs-fp32 check (0: skip)")
+    parser.add_argument("--rss-images", default="", help="comma-separated image counts for the peak-RSS scaling check, e.g. 1000,10000")
     args = parser.parse_args()
     skip = set(filter(None, args.skip.split(",")))
     files = list_images(open_source(args.data)).files
@@ -149,6 +160,7 @@ def main() -> None:
             result["agreement"] = 1.0
         if "c" not in skip:
             result["c"] = forward_only(model, files, args.batch_size, precision)
+            result["c_eager"] = eager_forward(model, files, args.batch_size)
         if args.agreement_images:
             result["bf16_agree"], result["c_bf16"] = bf16_fast_path(model, files, args.batch_size, args.agreement_images)
         if "d" not in skip:
@@ -166,9 +178,17 @@ def main() -> None:
             result.update(d=n / seconds, d_rss=rss)
         rows.append(result)
         print(format_row(result), flush=True)
+    if args.rss_images:
+        rss_scaling(args, files, work, env)
     print("\nmodel               a img/s  b img/s  c img/s  d img/s   b/a   b/c   b/d  agree  peak RSS b (GiB)")
     for result in rows:
         print(format_row(result))
+    for result in rows:
+        if "c_eager" in result:
+            print(
+                f"{result['model']}: forward pass {result['c']:.1f} img/s as the actor runs it, "
+                f"{result['c_eager']:.1f} img/s as plain eager fp32 on batches of {args.batch_size}"
+            )
     for result in rows:
         if "bf16_agree" in result:
             verdict = "fast enough to use" if result["bf16_agree"] >= 0.99 else "below 99%: fp32 stays the CPU default"
@@ -176,6 +196,20 @@ def main() -> None:
                 f"{result['model']}: bf16 forward {result['c_bf16']:.1f} img/s; its top-1 equals fp32's on "
                 f"{result['bf16_agree']:.2%} of {min(args.agreement_images, len(files))} images ({verdict})"
             )
+
+
+def rss_scaling(args, files: list[str], work: Path, env: dict) -> None:
+    """Peak RSS of (b) with the dataset repeated to each count: memory must not grow with the dataset."""
+    model = args.models.split(",")[-1]
+    for count in (int(c) for c in args.rss_images.split(",")):
+        folder = work / f"repeat-{count}"
+        for i in range(count):
+            original = Path(files[i % len(files)])
+            link = folder / original.parent.name / f"{i:06d}-{original.name}"
+            link.parent.mkdir(parents=True, exist_ok=True)
+            link.symlink_to(original)
+        seconds, rss, _ = project_run(argparse.Namespace(**{**vars(args), "data": str(folder)}), model, work, env)
+        print(f"{model} on {count} images: {count / seconds:.1f} img/s, peak RSS of the whole run {rss:.2f} GiB", flush=True)
 
 
 def format_row(r: dict) -> str:
