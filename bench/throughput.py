@@ -97,15 +97,15 @@ def bf16_fast_path(model: str, files: list[str], batch_size: int, images: int) -
     fp32 = Classifier(spec, device="cpu", precision="fp32", threads=os.cpu_count())
     bf16 = Classifier(spec, device="cpu", precision="bf16", threads=os.cpu_count())
     agree, seconds = 0, 0.0
-    for start in range(0, min(images, len(files)), batch_size):
+    files = files[:images]
+    for start in range(0, len(files), batch_size):
         crops = np.stack([decode(Path(f).read_bytes(), fp32.preprocessing) for f in files[start : start + batch_size]])
         reference = fp32.top_k(crops, 1)[0][:, 0]
         began = time.perf_counter()
         fast = bf16.top_k(crops, 1)[0][:, 0]
         seconds += time.perf_counter() - began
         agree += int((fast == reference).sum())
-    counted = min(images, len(files))
-    return agree / counted, counted / seconds
+    return agree / len(files), len(files) / seconds
 
 
 def agreement(run_dir: Path, reference_dir: Path) -> float:
