@@ -25,7 +25,9 @@ except UserError as error:
 with st.form("launch"):
     st.markdown(f"**{settings.model}** on `{settings.data_display}`")
     c1, c2, c3, c4 = st.columns(4)
-    batch_size = c1.number_input("Batch size", min_value=1, max_value=4096, value=64, step=8)
+    batch_size = c1.number_input(
+        "Batch size", min_value=1, max_value=4096, value=None, step=8, placeholder="auto", help="Empty: 64 on CPU, 512 on GPU"
+    )
     concurrency = c2.number_input("Concurrency (model actors; 0 = auto)", min_value=0, max_value=256, value=0, step=1)
     has_gpu = bool(resources and resources["gpus"] >= 1)
     num_gpus = c3.number_input(
@@ -46,7 +48,7 @@ if submitted:
             data=settings.data,
             model=parse_model(settings.model),
             out=settings.out,
-            batch_size=int(batch_size),
+            batch_size=int(batch_size) if batch_size else None,
             concurrency=int(concurrency) or None,
             num_gpus=float(num_gpus) if has_gpu else None,
             limit=int(limit) or None,

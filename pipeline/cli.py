@@ -76,7 +76,9 @@ def build_parser() -> Parser:
     _add_source_options(run)
     _add_model_options(run)
     run.add_argument("--out", default="runs", help="runs folder (default: runs/)")
-    run.add_argument("--batch-size", type=positive_int, default=64)
+    run.add_argument(
+        "--batch-size", type=positive_int, default=None, help="images per batch sent to a model actor (default: 64 on CPU, 512 on GPU)"
+    )
     run.add_argument("--concurrency", type=positive_int, default=None, help="model actors (default: one per GPU, or by CPUs)")
     run.add_argument(
         "--num-gpus", type=non_negative_float, default=None, help="GPUs per actor (default: 1 if the cluster has GPUs, else 0)"

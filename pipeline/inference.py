@@ -22,6 +22,9 @@ from .sources import Source
 
 PRECISIONS = ("auto", "fp32", "bf16")
 DECODE_BYTES_PER_IMAGE = 4 * 1024 * 1024  # a photo's bytes plus its decoded pixels, generously
+MIN_OBJECT_STORE_BUDGET = 256 * 1024 * 1024  # decoded crops waiting for the model actors, at most
+CPU_BATCH_SIZE = 64  # images per batch a CPU actor receives (its forward pass uses micro-batches)
+GPU_BATCH_SIZE = 512  # enough to keep a data-centre GPU busy; bf16 activations of resnet152 fit in a few GiB
 
 
 def pick_device(prefer_gpu: bool = True) -> str:
@@ -200,16 +203,19 @@ class Plan:
     decode_cpus: float = 1.0
 
 
-def plan(total: int, cpus: float, gpus: float, batch_size: int, concurrency: int | None, num_gpus: float | None) -> Plan:
+def plan(total: int, cpus: float, gpus: float, batch_size: int | None, concurrency: int | None, num_gpus: float | None) -> Plan:
     """Sensible defaults: one actor per GPU; on CPUs, few actors with several torch threads each.
 
     Actors never reserve every CPU: a decode task must always fit beside them, or Ray would wait
     forever for a CPU to read the next image (a 2-CPU machine with two actors did exactly that).
+    ``batch_size`` None picks one for the device: large batches fill a GPU; CPUs micro-batch anyway.
     """
-    if batch_size < 1:
+    if batch_size is not None and batch_size < 1:
         raise UserError(f"batch size must be a positive integer, got {batch_size}")
     if num_gpus is None:
         num_gpus = 1.0 if gpus >= 1 else 0.0
+    if batch_size is None:
+        batch_size = GPU_BATCH_SIZE if num_gpus else CPU_BATCH_SIZE
     if num_gpus < 0:
         raise UserError(f"--num-gpus must be ≥ 0, got {num_gpus}")
     if num_gpus > 0 and gpus == 0:
@@ -240,8 +246,15 @@ def build_dataset(
 ):
     """The lazy Ray Dataset of prediction rows (plus error rows) for ``inputs`` (path, ground_truth)."""
     import ray.data
+    from ray.data import DataContext, ExecutionResources
 
     info = describe(spec)
+    crop_bytes = info.preprocessing.crop**2 * 3
+    # Decoding is much faster than the model, so without a budget decoded crops pile up in the object
+    # store and the run's memory grows with the dataset (10,000 images: +57 % peak RSS over 1,000).
+    DataContext.get_current().execution_options.resource_limits = ExecutionResources.for_limits(
+        object_store_memory=max(MIN_OBJECT_STORE_BUDGET, 8 * plan_.concurrency * plan_.batch_size * crop_bytes)
+    )
     blocks = [inputs.slice(start, plan_.block_rows) for start in range(0, inputs.num_rows, plan_.block_rows)]
     inputs_ds = ray.data.from_arrow(blocks)
     decoded = inputs_ds.map_batches(
@@ -253,7 +266,7 @@ def build_dataset(
         # A memory estimate (encoded + decoded + crop per row) is an honest scheduling hint and, being
         # a remote arg the actor lacks, keeps decoding in tasks of its own: Ray would otherwise fuse it
         # into the model actor, where it could not overlap inference.
-        memory=plan_.block_rows * (info.preprocessing.crop**2 * 3 + DECODE_BYTES_PER_IMAGE),
+        memory=plan_.block_rows * (crop_bytes + DECODE_BYTES_PER_IMAGE),
     )
     return decoded.map_batches(
         Predictor,

@@ -50,13 +50,14 @@ def launch_run(request: RunRequest) -> Launch:
     if runs.run_dir(out, run_id).exists():
         raise UserError(f"run {run_id} already exists")
     spec = request.model
-    args = ["run", "--data", request.data, "--out", str(out), "--run-id", run_id, "--batch-size", str(request.batch_size)]
+    args = ["run", "--data", request.data, "--out", str(out), "--run-id", run_id]
     args += ["--precision", request.precision]
     optional = {
         "--model": None if spec.name == "custom" else spec.display_name,
         "--checkpoint": spec.checkpoint,
         "--arch": spec.arch,
         "--labels": spec.labels_file,
+        "--batch-size": request.batch_size,
         "--concurrency": request.concurrency,
         "--num-gpus": request.num_gpus,
         "--limit": request.limit,

@@ -35,7 +35,7 @@ class RunRequest:
     data: str = str(SAMPLE_DATA)
     model: ModelSpec = field(default_factory=ModelSpec)
     out: str = "runs"
-    batch_size: int = 64
+    batch_size: int | None = None  # None: chosen for the device (inference.plan)
     concurrency: int | None = None
     num_gpus: float | None = None
     limit: int | None = None
@@ -71,7 +71,7 @@ ProgressCallback = Callable[[Progress], None]
 
 
 def validate(request: RunRequest) -> None:
-    if request.batch_size is None or request.batch_size < 1:
+    if request.batch_size is not None and request.batch_size < 1:
         raise UserError(f"batch size must be a positive integer, got {request.batch_size}")
     if request.concurrency is not None and request.concurrency < 1:
         raise UserError(f"concurrency must be a positive integer, got {request.concurrency}")
@@ -240,7 +240,7 @@ def execute(path: Path, on_progress: ProgressCallback | None = None, source: Sou
             work = plan(todo.num_rows, info.cpus, info.gpus, params.batch_size, params.concurrency, params.num_gpus)
             device = "cuda" if work.num_gpus else "cpu"
             precision = resolve_precision(params.precision, device)
-            manifest.device = f"{work.concurrency}× {device.upper()} actor(s), {precision}, on {info.address}"
+            manifest.device = f"{work.concurrency}× {device.upper()} actor(s), {precision}, batch {work.batch_size}, on {info.address}"
             progress.started_s = progress.elapsed_s
             categories = describe(spec).categories
             label_set_indices = [categories.index(name) for name in manifest.label_set or ()]

@@ -99,7 +99,7 @@ class Accuracy:
 
 @dataclass
 class RunParams:
-    batch_size: int
+    batch_size: int | None  # None: chosen for the device when the run starts
     concurrency: int | None
     num_gpus: float | None
     limit: int | None

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from pipeline.errors import UserError
-from pipeline.inference import Classifier, cpu_micro_batch, frozen_graph, plan
+from pipeline.inference import CPU_BATCH_SIZE, GPU_BATCH_SIZE, Classifier, cpu_micro_batch, frozen_graph, plan
 from pipeline.models import DEFAULT_MODEL, describe, parse_model
 from pipeline.preprocess import decode
 
@@ -31,6 +31,12 @@ def test_gpu_actors_leave_room_for_decoding_too():
     assert work.actor_cpus * 4 + work.decode_cpus <= 4
 
 
+def test_batch_size_left_out_is_chosen_for_the_device():
+    assert plan(1000, 2, 0, None, None, None).batch_size == CPU_BATCH_SIZE
+    assert plan(1000, 16, 1, None, None, None).batch_size == GPU_BATCH_SIZE
+    assert plan(1000, 16, 1, 96, None, None).batch_size == 96
+
+
 def test_plan_refuses_what_the_cluster_cannot_hold():
     with pytest.raises(UserError, match="exceeds"):
         plan(10, 2, 0, 64, 3, None)
@@ -44,6 +50,7 @@ def test_as_many_actors_as_cpus_still_finishes(small_folder, tmp_path):
     assert result.returncode == 0, result.stderr
     manifest = json.loads((tmp_path / "runs" / result.stdout.strip().splitlines()[-1].split("/")[-1] / "manifest.json").read_text())
     assert manifest["status"] == "complete" and manifest["counts"]["predicted"] == 9
+    assert manifest["params"]["batch_size"] is None and f"batch {CPU_BATCH_SIZE}" in manifest["device"]
 
 
 def test_cpu_fast_path_is_a_frozen_graph_that_answers_like_the_eager_network():
