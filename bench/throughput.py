@@ -56,20 +56,22 @@ def measure(command: list[str], env: dict) -> tuple[float, float, str]:
     return time.perf_counter() - began, peak / 2**30, out
 
 
-def ensure_weights(model: str, torch_home: Path) -> None:
-    """Random weights under torchvision's file name when the real ones are not cached (speed does not depend on them)."""
+def ensure_weights(model: str, torch_home: Path) -> bool:
+    """Random weights under torchvision's file name when the real ones are not cached (speed does not
+    depend on them); True when the weights are random."""
     import torch
     import torchvision
 
     spec = parse_model(model)
     if spec.name == "efficientnet_lite0" or describe(spec).available_offline:
-        return
+        return False
     weights = torchvision.models.get_model_weights(spec.name)[spec.weights]
     os.environ["TORCH_HOME"] = str(torch_home)
     target = hub_checkpoint_path(weights.url)
     if not target.exists():
         target.parent.mkdir(parents=True, exist_ok=True)
         torch.save(torchvision.models.get_model(spec.name, weights=None).state_dict(), target)
+    return True
 
 
 def forward_only(model: str, files: list[str], batch_size: int, precision: str, batches: int = 6, classifier=None) -> float:
@@ -141,12 +143,12 @@ def main() -> None:
     print(f"{len(files)} images from {args.data}; {cpu}; batch {args.batch_size}", flush=True)
     rows = []
     for model in args.models.split(","):
-        ensure_weights(model, work / "torch_home")
+        random_weights = ensure_weights(model, work / "torch_home")
         env["TORCH_HOME"] = os.environ.get("TORCH_HOME", env.get("TORCH_HOME", ""))
         if not env["TORCH_HOME"]:
             env.pop("TORCH_HOME")
         n = len(files)
-        result = {"model": model}
+        result = {"model": model, "random_weights": random_weights}
         if "a" not in skip:
             seconds, rss, _ = measure([sys.executable, "bench/tutorial_pipeline.py", args.data, model, str(args.batch_size), "1"], env)
             result.update(a=n / seconds, a_rss=rss)
@@ -192,6 +194,8 @@ def main() -> None:
     for result in rows:
         if "bf16_agree" in result:
             verdict = "fast enough to use" if result["bf16_agree"] >= 0.99 else "below 99%: fp32 stays the CPU default"
+            if result["random_weights"]:
+                verdict = "random weights: says nothing about the real model"
             print(
                 f"{result['model']}: bf16 forward {result['c_bf16']:.1f} img/s; its top-1 equals fp32's on "
                 f"{result['bf16_agree']:.2%} of {min(args.agreement_images, len(files))} images ({verdict})"
