@@ -87,9 +87,9 @@ class Classifier:
         """One micro-batch through the frozen graph, padded to the traced shape so the graph never sees another."""
         import torch
 
-        if not self.graph_checked:
-            self.graph = frozen_graph(self.module, chunk) if len(chunk) == self.micro_batch else None
-            self.graph_checked = len(chunk) == self.micro_batch
+        if not self.graph_checked and len(chunk) == self.micro_batch:
+            self.graph = frozen_graph(self.module, chunk)
+            self.graph_checked = True
         if self.graph is None:
             return self.module(chunk)
         short = self.micro_batch - len(chunk)
