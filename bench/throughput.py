@@ -74,22 +74,16 @@ def ensure_weights(model: str, torch_home: Path) -> bool:
     return True
 
 
-def forward_only(model: str, files: list[str], batch_size: int, precision: str, batches: int = 6, classifier=None) -> float:
-    """img/s of the forward pass on pre-decoded uint8 crops, as the project's actor runs it (threads = cores)."""
-    classifier = classifier or Classifier(parse_model(model), device="cpu", precision=precision, threads=os.cpu_count())
+def forward_only(model: str, files: list[str], batch_size: int, precision: str, fast_path: bool = True, batches: int = 6) -> float:
+    """img/s of the forward pass on pre-decoded uint8 crops, as the project's actor runs it (threads = cores);
+    ``fast_path=False``: the plain eager network on whole batches, for context."""
+    classifier = Classifier(parse_model(model), device="cpu", precision=precision, threads=os.cpu_count(), fast_path=fast_path)
     crops = np.stack([decode(Path(f).read_bytes(), classifier.preprocessing) for f in files[:batch_size]])
     classifier.top_k(crops)  # warm-up
     began = time.perf_counter()
     for _ in range(batches):
         classifier.top_k(crops)
     return batches * batch_size / (time.perf_counter() - began)
-
-
-def eager_forward(model: str, files: list[str], batch_size: int, batches: int = 3) -> float:
-    """img/s of the plain eager network on whole batches: what the forward pass costs without the fast path."""
-    classifier = Classifier(parse_model(model), device="cpu", precision="fp32", threads=os.cpu_count())
-    classifier.micro_batch = None
-    return forward_only(model, files, batch_size, "fp32", batches, classifier)
 
 
 def bf16_fast_path(model: str, files: list[str], batch_size: int, images: int) -> tuple[float, float]:
@@ -162,7 +156,7 @@ def main() -> None:
             result["agreement"] = 1.0
         if "c" not in skip:
             result["c"] = forward_only(model, files, args.batch_size, precision)
-            result["c_eager"] = eager_forward(model, files, args.batch_size)
+            result["c_eager"] = forward_only(model, files, args.batch_size, "fp32", fast_path=False, batches=3)
         if args.agreement_images:
             result["bf16_agree"], result["c_bf16"] = bf16_fast_path(model, files, args.batch_size, args.agreement_images)
         if "d" not in skip:

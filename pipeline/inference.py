@@ -40,9 +40,12 @@ class Classifier:
     convolutions, fused ops) on micro-batches of a few images: activations that stay in cache make
     small batches 2-3× faster per image than large ones on a small CPU. The graph is kept only if it
     reproduces the eager network's logits on the first micro-batch; otherwise the eager module runs.
+    ``fast_path=False`` runs the eager network on whole batches (the reference it is measured against).
     """
 
-    def __init__(self, spec: ModelSpec, device: str | None = None, precision: str = "auto", threads: int | None = None):
+    def __init__(
+        self, spec: ModelSpec, device: str | None = None, precision: str = "auto", threads: int | None = None, fast_path: bool = True
+    ):
         import torch
 
         if threads:
@@ -53,9 +56,10 @@ class Classifier:
         self.device = device or pick_device()
         self.precision = resolve_precision(precision, self.device)
         self.module = load_module(spec).to(self.device).to(memory_format=torch.channels_last)
-        self.micro_batch = cpu_micro_batch(torch.get_num_threads()) if self.device == "cpu" else None
+        on_cpu = fast_path and self.device == "cpu"
+        self.micro_batch = cpu_micro_batch(torch.get_num_threads()) if on_cpu else None
         self.graph = None
-        self.graph_checked = not (self.device == "cpu" and self.precision == "fp32")
+        self.graph_checked = not (on_cpu and self.precision == "fp32")
         prep = self.preprocessing
         self.mean = torch.tensor(prep.mean, device=self.device).view(1, 3, 1, 1) * 255.0
         self.std = torch.tensor(prep.std, device=self.device).view(1, 3, 1, 1) * 255.0
