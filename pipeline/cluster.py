@@ -21,6 +21,7 @@ class ClusterInfo:
     address: str
     cpus: float
     gpus: float
+    node_cpus: float | None = None  # the largest node's: no actor can use more threads than that
 
 
 def resolve_address(address: str | None) -> str:
@@ -57,7 +58,8 @@ def connect(address: str | None = None) -> ClusterInfo:
     context.print_on_execution_start = False
     logging.getLogger("ray.data").setLevel(logging.ERROR)
     resources = ray.cluster_resources()
-    return ClusterInfo(address, float(resources.get("CPU", 0)), float(resources.get("GPU", 0)))
+    node_cpus = max((float(node["Resources"].get("CPU", 0)) for node in ray.nodes() if node.get("Alive")), default=None)
+    return ClusterInfo(address, float(resources.get("CPU", 0)), float(resources.get("GPU", 0)), node_cpus)
 
 
 def disconnect() -> None:

@@ -207,8 +207,17 @@ class Plan:
     decode_cpus: float = 1.0
 
 
-def plan(total: int, cpus: float, gpus: float, batch_size: int | None, concurrency: int | None, num_gpus: float | None) -> Plan:
-    """Sensible defaults: one actor per GPU; on CPUs, few actors with several torch threads each.
+def plan(
+    total: int,
+    cpus: float,
+    gpus: float,
+    batch_size: int | None,
+    concurrency: int | None,
+    num_gpus: float | None,
+    node_cpus: float | None = None,
+) -> Plan:
+    """Sensible defaults: one actor per GPU; on CPUs, few actors with several torch threads each, never
+    more threads than a node has CPUs (16 CPUs over four nodes: two actors of 4 threads, not of 8).
 
     Actors never reserve every CPU: a decode task must always fit beside them, or Ray would wait
     forever for a CPU to read the next image (a 2-CPU machine with two actors did exactly that).
@@ -232,7 +241,7 @@ def plan(total: int, cpus: float, gpus: float, batch_size: int | None, concurren
         raise UserError(f"concurrency {concurrency} × {num_gpus} GPU needs {concurrency * num_gpus:g} GPUs; the cluster has {gpus:g}")
     if not num_gpus and concurrency > cpus:
         raise UserError(f"concurrency {concurrency} exceeds the cluster's {cpus:g} CPUs")
-    threads = None if num_gpus else max(1, int(cpus // concurrency))
+    threads = None if num_gpus else max(1, int(min(cpus // concurrency, node_cpus or cpus)))
     block_rows = max(8, min(64, math.ceil(total / max(1.0, 2 * cpus))))
     decode_cpus = min(1.0, cpus / 2)
     actor_cpus = min(1.0, (cpus - decode_cpus) / concurrency)

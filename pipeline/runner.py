@@ -144,7 +144,7 @@ def start(request: RunRequest) -> tuple[Path, Source]:
     if request.limit is not None:
         listing.files = listing.sample(request.limit)
     resources = cluster.connect(request.address)
-    plan(len(listing.files), resources.cpus, resources.gpus, request.batch_size, request.concurrency, request.num_gpus)
+    plan(len(listing.files), resources.cpus, resources.gpus, request.batch_size, request.concurrency, request.num_gpus, resources.node_cpus)
     run_id = request.run_id or runs.new_run_id(request.model.display_name)
     path = runs.run_dir(out, run_id)
     if path.exists():
@@ -237,7 +237,7 @@ def execute(path: Path, on_progress: ProgressCallback | None = None, source: Sou
             source = source or open_source(manifest.dataset, manifest.params.s3_endpoint)
             info = cluster.connect(manifest.params.address)
             params = manifest.params
-            work = plan(todo.num_rows, info.cpus, info.gpus, params.batch_size, params.concurrency, params.num_gpus)
+            work = plan(todo.num_rows, info.cpus, info.gpus, params.batch_size, params.concurrency, params.num_gpus, info.node_cpus)
             device = "cuda" if work.num_gpus else "cpu"
             precision = resolve_precision(params.precision, device)
             manifest.device = f"{work.concurrency}× {device.upper()} actor(s), {precision}, batch {work.batch_size}, on {info.address}"

@@ -81,6 +81,13 @@ def test_run_through_an_existing_cluster(ray_head, small_folder, tmp_path):
     assert not [f for f in run_dir.rglob("*") if f.is_file() and token.encode() in f.read_bytes()]
 
 
+def test_the_cluster_command_reports_the_head_as_ray_sees_it(ray_head, tmp_path):
+    result = run_cli("cluster", "--address", ray_head, cwd=tmp_path, env=CLUSTER_AUTH)
+    assert result.returncode == 0, result.stderr
+    info = json.loads(result.stdout)
+    assert (info["address"], info["cpus"], info["gpus"], info["node_cpus"]) == (ray_head, 2.0, 0.0, 2.0)
+
+
 def test_missing_token_is_a_one_line_error(ray_head, small_folder, tmp_path):
     result = run_cli(
         "run",

@@ -25,6 +25,12 @@ def test_cpu_actors_always_leave_room_for_a_decode_task(cpus):
         assert work.actor_cpus > 0 and work.threads >= 1
 
 
+def test_cpu_actors_never_get_more_threads_than_a_node_has():
+    assert plan(1000, 16, 0, 64, None, None, node_cpus=16).threads == 8
+    spread = plan(1000, 16, 0, 64, None, None, node_cpus=4)  # four 4-CPU nodes
+    assert (spread.concurrency, spread.threads) == (2, 4)
+
+
 def test_gpu_actors_leave_room_for_decoding_too():
     work = plan(1000, 4, 4, 64, None, None)
     assert (work.concurrency, work.num_gpus, work.threads) == (4, 1.0, None)
