@@ -15,8 +15,9 @@ from dataclasses import dataclass
 import numpy as np
 import pyarrow as pa
 
+from . import graphs
 from .errors import UserError
-from .models import ModelSpec, describe, load_module
+from .models import ModelInfo, ModelSpec, describe, load_module
 from .preprocess import Preprocessing, decode, describe_error
 from .sources import Source
 
@@ -38,28 +39,38 @@ class Classifier:
 
     On a CPU in fp32 the network runs as a frozen TorchScript graph (batch norm folded into the
     convolutions, fused ops) on micro-batches of a few images: activations that stay in cache make
-    small batches 2-3× faster per image than large ones on a small CPU. The graph is kept only if it
-    reproduces the eager network's logits on the first micro-batch; otherwise the eager module runs.
+    small batches 2-3× faster per image than large ones on a small CPU. The graph is used only if it
+    reproduces the eager network's logits on the first micro-batch (otherwise the eager module runs),
+    and then kept on disk (``graphs``) so that later runs load it instead of building the network.
     ``fast_path=False`` runs the eager network on whole batches (the reference it is measured against).
     """
 
     def __init__(
-        self, spec: ModelSpec, device: str | None = None, precision: str = "auto", threads: int | None = None, fast_path: bool = True
+        self,
+        spec: ModelSpec,
+        device: str | None = None,
+        precision: str = "auto",
+        threads: int | None = None,
+        fast_path: bool = True,
+        info: ModelInfo | None = None,
     ):
         import torch
 
         if threads:
             torch.set_num_threads(threads)
-        info = describe(spec)
+        info = info or describe(spec)
         self.categories = info.categories
         self.preprocessing = info.preprocessing
         self.device = device or pick_device()
         self.precision = resolve_precision(precision, self.device)
-        self.module = load_module(spec).to(self.device).to(memory_format=torch.channels_last)
         on_cpu = fast_path and self.device == "cpu"
         self.micro_batch = cpu_micro_batch(torch.get_num_threads()) if on_cpu else None
-        self.graph = None
-        self.graph_checked = not (on_cpu and self.precision == "fp32")
+        traced = on_cpu and self.precision == "fp32"
+        self.graph_path = graphs.graph_path(info, self.micro_batch) if traced else None
+        self.graph = graphs.load(self.graph_path) if traced else None
+        self.graph_checked = self.graph is not None or not traced
+        # A kept graph is the whole network: without it torch alone is imported, not timm or torchvision.
+        self.module = None if self.graph is not None else load_module(spec).to(self.device).to(memory_format=torch.channels_last)
         prep = self.preprocessing
         self.mean = torch.tensor(prep.mean, device=self.device).view(1, 3, 1, 1) * 255.0
         self.std = torch.tensor(prep.std, device=self.device).view(1, 3, 1, 1) * 255.0
@@ -92,8 +103,10 @@ class Classifier:
         import torch
 
         if not self.graph_checked and len(chunk) == self.micro_batch:
-            self.graph = frozen_graph(self.module, chunk)
+            self.graph = graphs.frozen_graph(self.module, chunk)
             self.graph_checked = True
+            if self.graph is not None:
+                graphs.keep(self.graph, self.graph_path)
         if self.graph is None:
             return self.module(chunk)
         short = self.micro_batch - len(chunk)
@@ -106,22 +119,6 @@ def cpu_micro_batch(threads: int) -> int:
     """Images per forward call on a CPU: two per thread. Measured on 2 cores, efficientnet_lite0
     (resnet50): 2 threads × 4 images 114 (20) img/s against 64 (19) with 64 images; 1 thread × 2 images 68 (10)."""
     return 2 * threads
-
-
-def frozen_graph(module, example):
-    """``module`` traced and frozen for ``example``'s shape, or None when tracing fails or changes the answer."""
-    import warnings
-
-    import torch
-
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            graph = torch.jit.freeze(torch.jit.trace(module, example, check_trace=False))
-        expected, got = module(example), graph(example)
-    except Exception:
-        return None
-    return graph if torch.allclose(got, expected, rtol=1e-3, atol=1e-3) else None
 
 
 def resolve_precision(precision: str, device: str) -> str:
@@ -148,7 +145,7 @@ def decode_batch(batch: dict[str, np.ndarray], source: Source, preprocessing: Pr
 
 @dataclass(frozen=True)
 class PredictorOptions:
-    spec: ModelSpec
+    info: ModelInfo  # described by the driver: the actor then imports no model package it does not need
     topk: int = 5
     precision: str = "auto"
     threads: int | None = None
@@ -159,7 +156,7 @@ class Predictor:
     """Ray Data actor: loads the model once, then turns uint8 batches into prediction rows."""
 
     def __init__(self, options: PredictorOptions):
-        self.classifier = Classifier(options.spec, precision=options.precision, threads=options.threads)
+        self.classifier = Classifier(options.info.spec, precision=options.precision, threads=options.threads, info=options.info)
         self.topk = options.topk
         self.label_set = options.label_set
 
@@ -283,7 +280,7 @@ def build_dataset(
     )
     return decoded.map_batches(
         Predictor,
-        fn_constructor_kwargs={"options": PredictorOptions(spec, topk, precision, plan_.threads, tuple(label_set))},
+        fn_constructor_kwargs={"options": PredictorOptions(info, topk, precision, plan_.threads, tuple(label_set))},
         batch_size=plan_.batch_size,
         batch_format="numpy",
         # One call at a time per actor, run on the actor's own thread. Ray Data's default hands each

@@ -30,6 +30,16 @@ def run_cli(*args: str, env: dict | None = None, timeout: float = 600, cwd: Path
     )
 
 
+@pytest.fixture(scope="session", autouse=True)
+def graph_cache(tmp_path_factory) -> Path:
+    """Frozen graphs kept by this session's runs go to a temporary folder, never the user's cache."""
+    from pipeline.graphs import CACHE_ENV
+
+    folder = tmp_path_factory.mktemp("graphs")
+    os.environ[CACHE_ENV] = str(folder)
+    return folder
+
+
 @pytest.fixture
 def small_folder(tmp_path: Path) -> Path:
     """Three real Imagenette images per class for three classes, in WordNet-id folders."""

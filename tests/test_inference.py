@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from pipeline.errors import UserError
-from pipeline.inference import CPU_BATCH_SIZE, GPU_BATCH_SIZE, Classifier, cpu_micro_batch, frozen_graph, plan
+from pipeline.inference import CPU_BATCH_SIZE, GPU_BATCH_SIZE, Classifier, cpu_micro_batch, plan
 from pipeline.models import DEFAULT_MODEL, describe, parse_model
 from pipeline.preprocess import decode
 
@@ -78,21 +78,3 @@ def test_bf16_on_cpu_keeps_the_eager_network():
     classifier = Classifier(parse_model(DEFAULT_MODEL), device="cpu", precision="bf16", threads=2)
     classifier.probabilities(sample_crops(4, classifier.preprocessing))
     assert classifier.graph is None
-
-
-class Noisy(torch.nn.Module):
-    """Answers differently on every call: a traced copy cannot reproduce it."""
-
-    def forward(self, x):
-        return x.mean(dim=(2, 3)) + torch.rand(x.shape[0], 3)
-
-
-class Untraceable(torch.nn.Module):
-    def forward(self, x):
-        return {"logits": x.mean(dim=(2, 3)), "shape": list(x.shape)}
-
-
-@pytest.mark.parametrize("module", [Noisy(), Untraceable()])
-def test_a_graph_that_fails_or_disagrees_is_not_used(module):
-    with torch.inference_mode():
-        assert frozen_graph(module.eval(), torch.ones(2, 3, 8, 8)) is None

@@ -1,0 +1,108 @@
+"""The CPU fast path's frozen TorchScript graphs, built once per model and machine and kept on disk.
+
+Building a graph needs the network's Python code first (timm imports torchvision, which imports
+``torch._dynamo``: ~4 s on 2 cores), then a trace and freeze (~1.5 s), all on the critical path of
+every run's model actor. Loading a kept graph needs only torch and takes a tenth of a second.
+A graph is kept only after it reproduced the eager network's logits, under a key naming everything
+that shapes it: the model, its weights file (path, size, modification time), the micro-batch and
+crop, the torch/torchvision/timm versions and the CPU's instruction set. Set ``PIPELINE_GRAPH_CACHE``
+to move the folder; delete it to rebuild every graph.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+import re
+import tempfile
+import warnings
+from importlib import metadata
+from pathlib import Path
+
+from .models import ModelInfo
+
+CACHE_ENV = "PIPELINE_GRAPH_CACHE"
+
+
+def cache_dir() -> Path:
+    if os.environ.get(CACHE_ENV):
+        return Path(os.environ[CACHE_ENV]).expanduser()
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "batch-classify" / "graphs"
+
+
+def graph_path(info: ModelInfo, micro_batch: int) -> Path | None:
+    """Where the graph for this model, weights file and micro-batch on this machine lives; None when the
+    weights file is not on this machine (a cluster node laid out unlike the driver): no cache then."""
+    import torch
+
+    weights = Path(info.weights_path)
+    if not weights.is_file():
+        return None
+    stat = weights.stat()
+    identity = {
+        "spec": info.spec.to_dict(),
+        "weights": [str(weights.resolve()), stat.st_size, stat.st_mtime_ns],
+        "input": [micro_batch, 3, info.preprocessing.crop, info.preprocessing.crop],
+        "versions": [_version("torch"), _version("torchvision"), _version("timm")],
+        "cpu": torch.backends.cpu.get_cpu_capability(),
+    }
+    digest = hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:20]
+    name = re.sub(r"[^A-Za-z0-9_.-]+", "_", info.spec.display_name)
+    return cache_dir() / f"{name}-{digest}.pt"
+
+
+def load(path: Path | None):
+    """The kept graph, or None when there is none or it cannot be read (it is then rebuilt)."""
+    import torch
+
+    if path is None or not path.is_file():
+        return None
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # torch.jit's deprecation notice, once per load
+            return torch.jit.load(str(path), map_location="cpu")
+    except Exception:
+        return None
+
+
+def keep(graph, path: Path | None) -> None:
+    """Write atomically, so a concurrent actor never loads half a file; a read-only disk just means no cache."""
+    import torch
+
+    if path is None:
+        return
+    with contextlib.suppress(OSError, RuntimeError):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=".partial-", suffix=".pt")
+        os.close(handle)
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                torch.jit.save(graph, temporary)
+            os.chmod(temporary, 0o644)  # mkstemp's 0600 would hide a shared cache from other users
+            os.replace(temporary, path)
+        finally:
+            Path(temporary).unlink(missing_ok=True)
+
+
+def frozen_graph(module, example):
+    """``module`` traced and frozen for ``example``'s shape, or None when tracing fails or changes the answer."""
+    import torch
+
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            graph = torch.jit.freeze(torch.jit.trace(module, example, check_trace=False))
+        expected, got = module(example), graph(example)
+    except Exception:
+        return None
+    return graph if torch.allclose(got, expected, rtol=1e-3, atol=1e-3) else None
+
+
+def _version(package: str) -> str | None:
+    try:
+        return metadata.version(package)
+    except metadata.PackageNotFoundError:
+        return None

@@ -1,0 +1,99 @@
+import os
+import subprocess
+import sys
+from dataclasses import replace
+
+import pytest
+import torch
+
+from pipeline import graphs
+from pipeline.inference import Classifier
+from pipeline.models import DEFAULT_MODEL, describe, parse_model
+
+from .conftest import ROOT
+from .test_inference import sample_crops
+
+
+@pytest.fixture
+def cache(tmp_path, monkeypatch):
+    folder = tmp_path / "graphs"
+    monkeypatch.setenv(graphs.CACHE_ENV, str(folder))
+    return folder
+
+
+def fast_classifier() -> Classifier:
+    return Classifier(parse_model(DEFAULT_MODEL), device="cpu", precision="fp32", threads=2)
+
+
+def test_a_kept_graph_replaces_building_the_network_and_answers_the_same(cache):
+    first = fast_classifier()
+    assert first.module is not None and first.graph is None  # nothing kept yet: the network is built
+    crops = sample_crops(6, first.preprocessing)
+    built = first.probabilities(crops)
+    assert first.graph_path.parent == cache and first.graph_path.is_file()
+
+    second = fast_classifier()
+    assert second.module is None and isinstance(second.graph, torch.jit.ScriptModule)
+    assert torch.allclose(second.probabilities(crops), built, atol=1e-6)
+
+
+def test_a_kept_graph_spares_the_actor_timm_and_torchvision(cache):
+    fast_classifier().probabilities(sample_crops(4, describe(parse_model(DEFAULT_MODEL)).preprocessing))
+    code = (
+        "import sys; from pipeline.inference import Classifier; from pipeline.models import ModelSpec; "
+        "c = Classifier(ModelSpec(), device='cpu', precision='fp32', threads=2); "
+        "print(c.module is None, 'timm' in sys.modules, 'torchvision' in sys.modules)"
+    )
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, cwd=ROOT, timeout=120)
+    assert result.stdout.split() == ["True", "False", "False"], result.stderr
+
+
+def test_the_key_follows_the_weights_file_and_the_micro_batch(tmp_path):
+    weights = tmp_path / "weights.pth"
+    weights.write_bytes(b"weights")
+    info = replace(describe(parse_model(DEFAULT_MODEL)), weights_path=str(weights))
+    path = graphs.graph_path(info, 4)
+    assert path == graphs.graph_path(info, 4) != graphs.graph_path(info, 2)
+    stat = weights.stat()
+    os.utime(weights, ns=(stat.st_atime_ns, stat.st_mtime_ns + 1_000_000_000))  # retrained, saved under the same name
+    assert graphs.graph_path(info, 4) != path
+    assert graphs.graph_path(replace(info, weights_path=str(tmp_path / "absent.pth")), 4) is None
+
+
+def test_an_unreadable_kept_graph_is_rebuilt(cache):
+    path = fast_classifier().graph_path
+    path.parent.mkdir(parents=True)
+    path.write_bytes(b"half a file")
+    classifier = fast_classifier()
+    assert classifier.graph is None and classifier.module is not None
+    classifier.probabilities(sample_crops(4, classifier.preprocessing))
+    assert isinstance(graphs.load(path), torch.jit.ScriptModule)
+
+
+def test_a_cache_that_cannot_be_written_still_classifies(tmp_path, monkeypatch):
+    blocker = tmp_path / "a-file"
+    blocker.write_text("")
+    monkeypatch.setenv(graphs.CACHE_ENV, str(blocker / "graphs"))
+    classifier = fast_classifier()
+    probabilities = classifier.probabilities(sample_crops(4, classifier.preprocessing))
+    assert isinstance(classifier.graph, torch.jit.ScriptModule) and probabilities.shape == (4, 1000)
+    assert not (blocker / "graphs").exists()
+
+
+class Noisy(torch.nn.Module):
+    """Answers differently on every call: a traced copy cannot reproduce it."""
+
+    def forward(self, x):
+        return x.mean(dim=(2, 3)) + torch.rand(x.shape[0], 3)
+
+
+class Untraceable(torch.nn.Module):
+    def forward(self, x):
+        return {"logits": x.mean(dim=(2, 3)), "shape": list(x.shape)}
+
+
+@pytest.mark.parametrize("module", [Noisy(), Untraceable()])
+def test_a_graph_that_fails_or_disagrees_is_not_used(module):
+    with torch.inference_mode():
+        assert graphs.frozen_graph(module.eval(), torch.ones(2, 3, 8, 8)) is None
