@@ -5,10 +5,12 @@
     (on a CPU: the frozen graph on micro-batches), at the same batch size: the limit for (b)
 (d) a plain PyTorch DataLoader loop with the same decoding and forward pass (what Ray costs)
 
-Whole processes for (a), (b), (d): start-up included, as a user experiences it. Peak RSS is the
-largest sum over the process tree (driver plus Ray's workers). Ratios are what to compare across
-machines. ``--rss-images 1000,10000`` also runs (b) on the folder repeated (symlinks) to each
-count and prints the peak RSS of each. Usage:
+Whole processes for (a), (b), (d): start-up included, as a user experiences it. The cache of frozen
+graphs starts empty; a fresh process times its way to a first prediction while building the model's
+graph (what a model's first run on a machine pays once), a second one loading it; (b) and (d) then
+load it, as every later run does. Peak RSS is the largest sum over the process tree (driver plus
+Ray's workers). Ratios are what to compare across machines. ``--rss-images 1000,10000`` also runs
+(b) on the folder repeated (symlinks) to each count and prints the peak RSS of each. Usage:
 
     python bench/throughput.py [--data DIR] [--models resnet50,efficientnet_lite0] [--batch-size 64]
 """
@@ -31,6 +33,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 SHARED = ROOT.parent / "shared" / "data" / "imagenette-val"
 
+from pipeline.graphs import CACHE_ENV  # noqa: E402
 from pipeline.inference import Classifier, resolve_precision  # noqa: E402
 from pipeline.models import describe, hub_checkpoint_path, parse_model  # noqa: E402
 from pipeline.preprocess import decode  # noqa: E402
@@ -86,6 +89,17 @@ def forward_only(model: str, files: list[str], batch_size: int, precision: str, 
     return batches * batch_size / (time.perf_counter() - began)
 
 
+def first_prediction_s(model: str, env: dict) -> float:
+    """Seconds from a fresh interpreter to the first micro-batch's answer, as a model actor gets there."""
+    code = (
+        "import time; began = time.perf_counter(); import numpy as np; from pipeline.inference import Classifier; "
+        f"from pipeline.models import parse_model; c = Classifier(parse_model({model!r}), device='cpu', threads={os.cpu_count()}); "
+        "c.top_k(np.zeros((c.micro_batch, c.preprocessing.crop, c.preprocessing.crop, 3), np.uint8)); "
+        "print(time.perf_counter() - began)"
+    )
+    return float(subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, cwd=ROOT, check=True).stdout)
+
+
 def bf16_fast_path(model: str, files: list[str], batch_size: int, images: int) -> tuple[float, float]:
     """Top-1 agreement of bf16 autocast with fp32 over ``images`` images, and bf16 forward img/s:
     the evidence for keeping fp32 on CPUs (bf16 only where agreement is at least 99%)."""
@@ -132,6 +146,7 @@ def main() -> None:
     skip = set(filter(None, args.skip.split(",")))
     files = list_images(open_source(args.data)).files
     work = Path(tempfile.mkdtemp(prefix="bench-"))
+    os.environ[CACHE_ENV] = str(work / "graphs")  # a fresh cache: every number below starts from nothing kept
     env = {**os.environ, "PYTHONPATH": str(ROOT), "RAY_USAGE_STATS_ENABLED": "0"}
     cpu = f"{psutil.cpu_count()} CPUs, {psutil.virtual_memory().total / 2**30:.0f} GiB"
     print(f"{len(files)} images from {args.data}; {cpu}; batch {args.batch_size}", flush=True)
@@ -143,20 +158,22 @@ def main() -> None:
             env.pop("TORCH_HOME")
         n = len(files)
         result = {"model": model, "random_weights": random_weights}
+        precision = resolve_precision("auto", "cpu")
+        result["start_cold"] = first_prediction_s(model, env)  # builds and keeps the graph
+        result["start_kept"] = first_prediction_s(model, env)
+        if "c" not in skip:
+            result["c"] = forward_only(model, files, args.batch_size, precision)
+            result["c_eager"] = forward_only(model, files, args.batch_size, "fp32", fast_path=False, batches=3)
         if "a" not in skip:
             seconds, rss, _ = measure([sys.executable, "bench/tutorial_pipeline.py", args.data, model, str(args.batch_size), "1"], env)
             result.update(a=n / seconds, a_rss=rss)
         seconds, rss, run_dir = project_run(args, model, work, env)
         result.update(b=n / seconds, b_rss=rss)
-        precision = resolve_precision("auto", "cpu")
         if "ref" not in skip and precision != "fp32":
             reference_dir = project_run(args, model, work, env, "--precision", "fp32")[2]
             result["agreement"] = agreement(run_dir, reference_dir)
         else:
             result["agreement"] = 1.0
-        if "c" not in skip:
-            result["c"] = forward_only(model, files, args.batch_size, precision)
-            result["c_eager"] = forward_only(model, files, args.batch_size, "fp32", fast_path=False, batches=3)
         if args.agreement_images:
             result["bf16_agree"], result["c_bf16"] = bf16_fast_path(model, files, args.batch_size, args.agreement_images)
         if "d" not in skip:
@@ -185,6 +202,11 @@ def main() -> None:
                 f"{result['model']}: forward pass {result['c']:.1f} img/s as the actor runs it, "
                 f"{result['c_eager']:.1f} img/s as plain eager fp32 on batches of {args.batch_size}"
             )
+    for result in rows:
+        print(
+            f"{result['model']}: fresh process to first prediction {result['start_cold']:.1f} s building the frozen graph, "
+            f"{result['start_kept']:.1f} s loading the kept one"
+        )
     for result in rows:
         if "bf16_agree" in result:
             verdict = "fast enough to use" if result["bf16_agree"] >= 0.99 else "below 99%: fp32 stays the CPU default"
