@@ -107,6 +107,7 @@ class Classifier:
             self.graph_checked = True
             if self.graph is not None:
                 graphs.keep(self.graph, self.graph_path)
+                self.module = None  # the frozen graph holds its own folded weights: do not hold two copies
         if self.graph is None:
             return self.module(chunk)
         short = self.micro_batch - len(chunk)
