@@ -5,7 +5,8 @@ Building a graph needs the network's Python code first (timm imports torchvision
 every run's model actor. Loading a kept graph needs only torch and takes a tenth of a second.
 A graph is kept only after it reproduced the eager network's logits, under a key naming everything
 that shapes it: the model, its weights file (path, size, modification time), the micro-batch and
-crop, the torch/torchvision/timm versions and the CPU's instruction set. Set ``PIPELINE_GRAPH_CACHE``
+crop, the torch/torchvision/timm versions, the CPU's instruction set and this project's way of
+building graphs (``GRAPH_FORMAT``). Set ``PIPELINE_GRAPH_CACHE``
 to move the folder; delete it to rebuild every graph.
 """
 
@@ -24,6 +25,7 @@ from pathlib import Path
 from .models import ModelInfo
 
 CACHE_ENV = "PIPELINE_GRAPH_CACHE"
+GRAPH_FORMAT = 1  # bump whenever this project changes how a network is built, wrapped or traced
 
 
 def cache_dir() -> Path:
@@ -42,6 +44,7 @@ def graph_path(info: ModelInfo, micro_batch: int) -> Path | None:
         return None
     stat = weights.stat()
     identity = {
+        "format": GRAPH_FORMAT,
         "spec": info.spec.to_dict(),
         "weights": [str(weights.resolve()), stat.st_size, stat.st_mtime_ns],
         "input": [micro_batch, 3, info.preprocessing.crop, info.preprocessing.crop],
