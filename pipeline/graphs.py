@@ -6,8 +6,8 @@ every run's model actor. Loading a kept graph needs only torch and takes a tenth
 A graph is kept only after it reproduced the eager network's logits, under a key naming everything
 that shapes it: the model, its weights file (path, size, modification time), the micro-batch and
 crop, the torch/torchvision/timm versions, the CPU's instruction set and this project's way of
-building graphs (``GRAPH_FORMAT``). Set ``PIPELINE_GRAPH_CACHE``
-to move the folder; delete it to rebuild every graph.
+building graphs (``GRAPH_FORMAT``). Set ``PIPELINE_GRAPH_CACHE`` to move the folder; delete it to
+rebuild every graph.
 """
 
 from __future__ import annotations
@@ -63,8 +63,7 @@ def load(path: Path | None):
     if path is None or not path.is_file():
         return None
     try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")  # torch.jit's deprecation notice, once per load
+        with _jit_quietly():
             return torch.jit.load(str(path), map_location="cpu")
     except Exception:
         return None
@@ -81,8 +80,7 @@ def keep(graph, path: Path | None) -> None:
         handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=".partial-", suffix=".pt")
         os.close(handle)
         try:
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore")
+            with _jit_quietly():
                 torch.jit.save(graph, temporary)
             os.chmod(temporary, 0o644)  # mkstemp's 0600 would hide a shared cache from other users
             os.replace(temporary, path)
@@ -95,13 +93,20 @@ def frozen_graph(module, example):
     import torch
 
     try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
+        with _jit_quietly():
             graph = torch.jit.freeze(torch.jit.trace(module, example, check_trace=False))
         expected, got = module(example), graph(example)
     except Exception:
         return None
     return graph if torch.allclose(got, expected, rtol=1e-3, atol=1e-3) else None
+
+
+@contextlib.contextmanager
+def _jit_quietly():
+    """torch.jit warns that it is deprecated (and tracing warns about shapes) on every call."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        yield
 
 
 def _version(package: str) -> str | None:
