@@ -40,8 +40,8 @@ from pipeline.preprocess import decode  # noqa: E402
 from pipeline.sources import list_images, open_source  # noqa: E402
 
 
-def measure(command: list[str], env: dict) -> tuple[float, float, str]:
-    """Wall seconds, peak RSS of the whole process tree (GiB), stdout."""
+def measure(command: list[str], env: dict, on_tick=None) -> tuple[float, float, str]:
+    """Wall seconds, peak RSS of the whole process tree (GiB), stdout; ``on_tick`` is called every 0.2 s."""
     began = time.perf_counter()
     process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, env=env, cwd=ROOT)
     root = psutil.Process(process.pid)
@@ -52,6 +52,8 @@ def measure(command: list[str], env: dict) -> tuple[float, float, str]:
             peak = max(peak, sum(p.memory_info().rss for p in tree if p.is_running()))
         except psutil.Error:
             pass
+        if on_tick:
+            on_tick()
         time.sleep(0.2)
     out = process.stdout.read()
     if process.returncode != 0:
@@ -89,12 +91,13 @@ def forward_only(model: str, files: list[str], batch_size: int, precision: str, 
     return batches * batch_size / (time.perf_counter() - began)
 
 
-def first_prediction_s(model: str, env: dict) -> float:
+def first_prediction_s(model: str, env: dict, device: str = "cpu") -> float:
     """Seconds from a fresh interpreter to the first micro-batch's answer, as a model actor gets there."""
+    threads = os.cpu_count() if device == "cpu" else None
     code = (
         "import time; began = time.perf_counter(); import numpy as np; from pipeline.inference import Classifier; "
-        f"from pipeline.models import parse_model; c = Classifier(parse_model({model!r}), device='cpu', threads={os.cpu_count()}); "
-        "c.top_k(np.zeros((c.micro_batch, c.preprocessing.crop, c.preprocessing.crop, 3), np.uint8)); "
+        f"from pipeline.models import parse_model; c = Classifier(parse_model({model!r}), device={device!r}, threads={threads}); "
+        "c.top_k(np.zeros((c.micro_batch or 8, c.preprocessing.crop, c.preprocessing.crop, 3), np.uint8)); "
         "print(time.perf_counter() - began)"
     )
     return float(subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, cwd=ROOT, check=True).stdout)
@@ -158,7 +161,7 @@ def main() -> None:
             env.pop("TORCH_HOME")
         n = len(files)
         result = {"model": model, "random_weights": random_weights}
-        precision = resolve_precision("auto", "cpu")
+        precision = resolve_precision("auto", "cpu", model)
         result["start_cold"] = first_prediction_s(model, env)  # builds and keeps the graph
         result["start_kept"] = first_prediction_s(model, env)
         if "c" not in skip:
@@ -222,14 +225,19 @@ def rss_scaling(args, files: list[str], work: Path, env: dict) -> None:
     """Peak RSS of (b) with the dataset repeated to each count: memory must not grow with the dataset."""
     model = args.models.split(",")[-1]
     for count in (int(c) for c in args.rss_images.split(",")):
-        folder = work / f"repeat-{count}"
-        for i in range(count):
-            original = Path(files[i % len(files)])
-            link = folder / original.parent.name / f"{i:06d}-{original.name}"
-            link.parent.mkdir(parents=True, exist_ok=True)
-            link.symlink_to(original)
+        folder = repeat_folder(files, count, work / f"repeat-{count}")
         seconds, rss, _ = project_run(argparse.Namespace(**{**vars(args), "data": str(folder)}), model, work, env)
         print(f"{model} on {count} images: {count / seconds:.1f} img/s, peak RSS of the whole run {rss:.2f} GiB", flush=True)
+
+
+def repeat_folder(files: list[str], count: int, folder: Path) -> Path:
+    """``count`` images in class folders, the originals repeated as often as needed (symlinks)."""
+    for i in range(count):
+        original = Path(files[i % len(files)]).resolve()
+        link = folder / original.parent.name / f"{i:06d}-{original.name}"
+        link.parent.mkdir(parents=True, exist_ok=True)
+        link.symlink_to(original)
+    return folder
 
 
 def format_row(r: dict) -> str:

@@ -31,7 +31,14 @@ with st.form("launch"):
     concurrency = c2.number_input("Concurrency (model actors; 0 = auto)", min_value=0, max_value=256, value=0, step=1)
     has_gpu = bool(resources and resources["gpus"] >= 1)
     num_gpus = c3.number_input(
-        "GPUs per actor", min_value=0.0, max_value=8.0, value=1.0 if has_gpu else 0.0, step=0.25, disabled=not has_gpu
+        "GPUs per actor",
+        min_value=0.0,
+        max_value=8.0,
+        value=None,
+        step=0.25,
+        placeholder="auto" if has_gpu else "no GPU",
+        disabled=not has_gpu,
+        help="Empty: two actors share each GPU, or the GPUs are shared by the concurrency asked for; 0 runs on CPUs",
     )
     limit = c4.number_input("Limit (0 = all images)", min_value=0, value=0, step=100)
     if resources:
@@ -50,7 +57,7 @@ if submitted:
             out=settings.out,
             batch_size=int(batch_size) if batch_size else None,
             concurrency=int(concurrency) or None,
-            num_gpus=float(num_gpus) if has_gpu else None,
+            num_gpus=float(num_gpus) if has_gpu and num_gpus is not None else None,
             limit=int(limit) or None,
             address=settings.address_or_none,
         )

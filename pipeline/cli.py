@@ -79,9 +79,12 @@ def build_parser() -> Parser:
     run.add_argument(
         "--batch-size", type=positive_int, default=None, help="images per batch sent to a model actor (default: 64 on CPU, 512 on GPU)"
     )
-    run.add_argument("--concurrency", type=positive_int, default=None, help="model actors (default: one per GPU, or by CPUs)")
+    run.add_argument("--concurrency", type=positive_int, default=None, help="model actors (default: two per GPU, or by CPUs)")
     run.add_argument(
-        "--num-gpus", type=non_negative_float, default=None, help="GPUs per actor (default: 1 if the cluster has GPUs, else 0)"
+        "--num-gpus",
+        type=non_negative_float,
+        default=None,
+        help="GPUs per actor (default with GPUs: 0.5, or the GPUs shared by --concurrency actors; else 0)",
     )
     run.add_argument("--limit", type=positive_int, default=None, help="classify a reproducible random sample of N images")
     run.add_argument("--address", default=None, help="Ray cluster address (default: $RAY_ADDRESS, else a local Ray)")

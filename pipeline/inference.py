@@ -26,6 +26,12 @@ DECODE_BYTES_PER_IMAGE = 4 * 1024 * 1024  # a photo's bytes plus its decoded pix
 MIN_OBJECT_STORE_BUDGET = 256 * 1024 * 1024  # decoded crops waiting for the model actors, at most
 CPU_BATCH_SIZE = 64  # images per batch a CPU actor receives (its forward pass uses micro-batches)
 GPU_BATCH_SIZE = 512  # enough to keep a data-centre GPU busy; bf16 activations of resnet152 fit in a few GiB
+# Two actors share each GPU, so that one's host-side work (assembling a batch, copying it over, building
+# rows) overlaps the other's forward pass: ResNet-152 on an H200, 3,610 → 5,479 img/s steady.
+ACTORS_PER_GPU = 2
+# Models whose bf16 top-1 differs from fp32's on more than 1 % of images keep fp32 everywhere:
+# efficientnet_lite0 agreed on 98.90 % of 1,000 Imagenette images on an H200 (98.83 % of 256 on a CPU).
+KEEP_FP32 = frozenset({"efficientnet_lite0"})
 
 
 def pick_device(prefer_gpu: bool = True) -> str:
@@ -62,7 +68,7 @@ class Classifier:
         self.categories = info.categories
         self.preprocessing = info.preprocessing
         self.device = device or pick_device()
-        self.precision = resolve_precision(precision, self.device)
+        self.precision = resolve_precision(precision, self.device, spec.name)
         on_cpu = fast_path and self.device == "cpu"
         self.micro_batch = cpu_micro_batch(torch.get_num_threads()) if on_cpu else None
         traced = on_cpu and self.precision == "fp32"
@@ -122,12 +128,12 @@ def cpu_micro_batch(threads: int) -> int:
     return 2 * threads
 
 
-def resolve_precision(precision: str, device: str) -> str:
-    """``auto``: bf16 autocast on CUDA, fp32 on the CPU."""
+def resolve_precision(precision: str, device: str, model: str) -> str:
+    """``auto``: bf16 autocast on CUDA unless the model's answers change (``KEEP_FP32``), fp32 on the CPU."""
     if precision not in PRECISIONS:
         raise ValueError(f"precision must be one of {PRECISIONS}")
     if precision == "auto":
-        return "bf16" if device == "cuda" else "fp32"
+        return "bf16" if device == "cuda" and model not in KEEP_FP32 else "fp32"
     return precision
 
 
@@ -214,8 +220,9 @@ def plan(
     num_gpus: float | None,
     node_cpus: float | None = None,
 ) -> Plan:
-    """Sensible defaults: one actor per GPU; on CPUs, few actors with several torch threads each, never
-    more threads than a node has CPUs (16 CPUs over four nodes: two actors of 4 threads, not of 8).
+    """Sensible defaults: two actors per GPU (``ACTORS_PER_GPU``), or GPUs shared evenly by the actors
+    asked for; on CPUs, few actors with several torch threads each, never more threads than a node has
+    CPUs (16 CPUs over four nodes: two actors of 4 threads, not of 8).
 
     Actors never reserve every CPU: a decode task must always fit beside them, or Ray would wait
     forever for a CPU to read the next image (a 2-CPU machine with two actors did exactly that).
@@ -223,8 +230,11 @@ def plan(
     """
     if batch_size is not None and batch_size < 1:
         raise UserError(f"batch size must be a positive integer, got {batch_size}")
-    if num_gpus is None:
-        num_gpus = 1.0 if gpus >= 1 else 0.0
+    if concurrency is not None and concurrency < 1:
+        raise UserError(f"concurrency must be a positive integer, got {concurrency}")
+    if num_gpus is None and gpus >= 1:
+        num_gpus = min(1.0, gpus / concurrency) if concurrency else 1.0 / ACTORS_PER_GPU
+    num_gpus = num_gpus or 0.0
     if batch_size is None:
         batch_size = GPU_BATCH_SIZE if num_gpus else CPU_BATCH_SIZE
     if num_gpus < 0:
@@ -233,9 +243,7 @@ def plan(
         raise UserError(f"--num-gpus {num_gpus} asked for, but the Ray cluster has no GPU")
     if concurrency is None:
         concurrency = max(1, int(gpus // num_gpus)) if num_gpus else max(1, int(cpus // 8))
-    if concurrency < 1:
-        raise UserError(f"concurrency must be a positive integer, got {concurrency}")
-    if num_gpus and concurrency * num_gpus > gpus:
+    if num_gpus and concurrency * num_gpus > gpus + 1e-9:
         raise UserError(f"concurrency {concurrency} × {num_gpus} GPU needs {concurrency * num_gpus:g} GPUs; the cluster has {gpus:g}")
     if not num_gpus and concurrency > cpus:
         raise UserError(f"concurrency {concurrency} exceeds the cluster's {cpus:g} CPUs")

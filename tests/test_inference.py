@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from pipeline.errors import UserError
-from pipeline.inference import CPU_BATCH_SIZE, GPU_BATCH_SIZE, Classifier, cpu_micro_batch, plan
+from pipeline.inference import ACTORS_PER_GPU, CPU_BATCH_SIZE, GPU_BATCH_SIZE, Classifier, cpu_micro_batch, plan, resolve_precision
 from pipeline.models import DEFAULT_MODEL, describe, parse_model
 from pipeline.preprocess import decode
 
@@ -33,8 +33,23 @@ def test_cpu_actors_never_get_more_threads_than_a_node_has():
 
 def test_gpu_actors_leave_room_for_decoding_too():
     work = plan(1000, 4, 4, 64, None, None)
-    assert (work.concurrency, work.num_gpus, work.threads) == (4, 1.0, None)
-    assert work.actor_cpus * 4 + work.decode_cpus <= 4
+    assert (work.concurrency, work.num_gpus, work.threads) == (4 * ACTORS_PER_GPU, 1 / ACTORS_PER_GPU, None)
+    assert work.actor_cpus * work.concurrency + work.decode_cpus <= 4
+
+
+def test_gpus_are_shared_evenly_by_the_actors_asked_for():
+    assert plan(1000, 16, 1, None, 3, None).num_gpus == pytest.approx(1 / 3)
+    assert plan(1000, 16, 4, None, 2, None).num_gpus == 1.0  # never more than one GPU per actor unasked
+    assert (plan(1000, 16, 2, None, None, 1).concurrency, plan(1000, 16, 2, None, None, 1).num_gpus) == (2, 1.0)
+    with pytest.raises(UserError, match="concurrency must be a positive integer"):
+        plan(1000, 16, 1, None, 0, None)
+
+
+def test_auto_precision_is_bf16_on_gpus_unless_the_model_answers_differently():
+    assert resolve_precision("auto", "cuda", "resnet152") == "bf16"
+    assert resolve_precision("auto", "cuda", DEFAULT_MODEL) == "fp32"  # in KEEP_FP32: 98.9 % agreement
+    assert resolve_precision("auto", "cpu", "resnet152") == "fp32"
+    assert resolve_precision("bf16", "cuda", DEFAULT_MODEL) == "bf16"
 
 
 def test_batch_size_left_out_is_chosen_for_the_device():
@@ -78,3 +93,29 @@ def test_bf16_on_cpu_keeps_the_eager_network():
     classifier = Classifier(parse_model(DEFAULT_MODEL), device="cpu", precision="bf16", threads=2)
     classifier.probabilities(sample_crops(4, classifier.preprocessing))
     assert classifier.graph is None
+
+
+needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (none here)")
+
+
+@needs_cuda
+def test_gpu_classifier_answers_like_the_cpu():
+    spec = parse_model(DEFAULT_MODEL)
+    crops = sample_crops(64, describe(spec).preprocessing)
+    cpu = Classifier(spec, device="cpu", precision="fp32", fast_path=False).probabilities(crops)
+    gpu = Classifier(spec, device="cuda", precision="bf16")
+    assert gpu.micro_batch is None and gpu.graph is None
+    fast = gpu.probabilities(crops)
+    exact = Classifier(spec, device="cuda").probabilities(crops).cpu()  # auto: fp32 for this model
+    assert fast.shape == (64, 1000) and torch.allclose(fast.sum(1).cpu(), torch.ones(64), atol=1e-3)
+    assert (exact.argmax(1) == cpu.argmax(1)).float().mean() >= 0.98
+    assert (fast.argmax(1).cpu() == cpu.argmax(1)).float().mean() >= 0.95
+
+
+@needs_cuda
+def test_a_run_on_a_gpu_machine_uses_the_gpu(small_folder, tmp_path):
+    result = run_cli("run", "--data", str(small_folder), "--out", str(tmp_path / "runs"), timeout=300)
+    assert result.returncode == 0, result.stderr
+    manifest = json.loads((tmp_path / "runs" / result.stdout.strip().splitlines()[-1].split("/")[-1] / "manifest.json").read_text())
+    assert manifest["status"] == "complete" and manifest["counts"]["predicted"] == 9
+    assert f"{ACTORS_PER_GPU}× CUDA actor(s), fp32, batch {GPU_BATCH_SIZE}" in manifest["device"]

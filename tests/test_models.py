@@ -89,6 +89,8 @@ def test_torchvision_weights_load_from_the_hub_cache(torch_home, monkeypatch):
     torch.manual_seed(0)
     expected = torchvision.models.resnet18(weights=None).state_dict()
     assert torch.equal(module.state_dict()["fc.weight"], expected["fc.weight"])
+    assert not any(t.is_meta for t in module.state_dict().values())  # built on the meta device, every tensor replaced
+    assert module(torch.zeros(1, 3, 64, 64)).shape == (1, 1000)
 
 
 def test_missing_weights_without_network_name_the_expected_file(tmp_path, monkeypatch):

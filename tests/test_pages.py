@@ -101,7 +101,7 @@ def test_run_page_disables_gpus_without_a_gpu_and_lists_runs(runs_dir):
     at = app("run")
     assert not at.exception
     gpus = next(n for n in at.number_input if n.label == "GPUs per actor")
-    assert gpus.disabled and gpus.value == 0.0
+    assert gpus.disabled and gpus.value is None and gpus.placeholder == "no GPU"
     table = [element for element in at.main if type(element).__name__ == "Dataframe"][-1].value
     assert list(table["run"]) == ["20260101-000000-demo"] and table["status"][0] == "complete"
 
