@@ -15,6 +15,7 @@ from pathlib import Path
 from . import runs
 from .errors import UserError
 from .runner import RunRequest, check
+from .sources import credentials_to_environment
 
 LAUNCH_LOGS = ".launch"
 PACKAGE_ROOT = Path(__file__).resolve().parent.parent
@@ -27,9 +28,12 @@ class Launch:
     log: Path
 
 
-def _spawn(args: list[str], log: Path) -> int:
+def _spawn(args: list[str], log: Path, credentials: dict[str, str] | None = None) -> int:
     log.parent.mkdir(parents=True, exist_ok=True)
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(PACKAGE_ROOT), os.environ.get("PYTHONPATH")]))}
+    if credentials:  # keys given with the dataset replace the environment's, and a session token of other keys
+        env.pop("AWS_SESSION_TOKEN", None)
+        env.update(credentials)
     with open(log, "ab") as sink:
         process = subprocess.Popen(
             [sys.executable, "-m", "pipeline", *args],
@@ -50,7 +54,8 @@ def launch_run(request: RunRequest) -> Launch:
     if runs.run_dir(out, run_id).exists():
         raise UserError(f"run {run_id} already exists")
     spec = request.model
-    args = ["run", "--data", request.data, "--out", str(out), "--run-id", run_id]
+    data, credentials = credentials_to_environment(request.data)
+    args = ["run", "--data", data, "--out", str(out), "--run-id", run_id]
     args += ["--precision", request.precision]
     optional = {
         "--model": None if spec.name == "custom" else spec.display_name,
@@ -68,7 +73,7 @@ def launch_run(request: RunRequest) -> Launch:
         if value is not None:
             args += [flag, str(value)]
     log = out / LAUNCH_LOGS / f"{run_id}.log"
-    return Launch(run_id, _spawn(args, log), log)
+    return Launch(run_id, _spawn(args, log, credentials), log)
 
 
 def launch_resume(path: Path) -> int:

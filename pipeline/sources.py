@@ -11,7 +11,7 @@ import os
 import random
 from dataclasses import dataclass, field
 from pathlib import Path
-from urllib.parse import urlparse
+from urllib.parse import unquote, urlparse
 
 import pyarrow.fs as pafs
 
@@ -62,6 +62,25 @@ def redact_uri(uri: str) -> str:
     return uri
 
 
+def credentials_to_environment(uri: str) -> tuple[str, dict[str, str]]:
+    """``s3://KEY:SECRET@bucket/p`` → (``s3://bucket/p``, the AWS variables holding the keys), so that a
+    child process gets its keys in its environment, which only its owner can read, never on its command line."""
+    keys = uri_keys(uri)
+    if keys is None:
+        return uri, {}
+    return redact_uri(uri), {"AWS_ACCESS_KEY_ID": keys[0], "AWS_SECRET_ACCESS_KEY": keys[1]}
+
+
+def uri_keys(uri: str) -> tuple[str, str] | None:
+    """The access key and secret of ``s3://KEY:SECRET@bucket/p``; percent-encode a '/' or '@' in them."""
+    parsed = urlparse(uri)
+    user = parsed.netloc.rpartition("@")[0]
+    if parsed.scheme != "s3" or not user or user == "anonymous":
+        return None
+    key, _, secret = user.partition(":")
+    return unquote(key), unquote(secret)
+
+
 def open_source(uri: str, s3_endpoint: str | None = None) -> Source:
     """Resolve a path or URI to a filesystem; fails with a UserError for unsupported schemes."""
     uri = (uri or "").strip()
@@ -76,11 +95,11 @@ def open_source(uri: str, s3_endpoint: str | None = None) -> Source:
         if not bucket:
             raise UserError(f"no bucket in {redact_uri(uri)!r}: use s3://bucket/prefix")
         options: dict = {}
+        keys = uri_keys(uri)
         if user == "anonymous":
             options["anonymous"] = True
-        elif user:
-            key, _, secret = user.partition(":")
-            options.update(access_key=key, secret_key=secret)
+        elif keys:
+            options.update(access_key=keys[0], secret_key=keys[1])
         endpoint = s3_endpoint or default_endpoint()
         if endpoint:
             endpoint_url = urlparse(endpoint if "://" in endpoint else f"https://{endpoint}")

@@ -109,3 +109,22 @@ def test_keys_in_the_uri_are_not_written_anywhere(s3_endpoint, bucket, tmp_path)
 def test_missing_bucket_exits_2(s3_endpoint):
     result = run_cli("preview", "--data", "s3://anonymous@no-such-bucket/x", "--s3-endpoint", s3_endpoint)
     assert result.returncode == 2 and len(result.stderr.strip().splitlines()) == 1, result.stderr
+
+
+def test_a_launched_run_gets_keys_from_the_uri_through_its_environment_not_its_command_line(s3_endpoint, bucket, tmp_path):
+    """Any user can read a process's command line (``ps``); only its owner can read its environment."""
+    import psutil
+
+    from pipeline.launcher import launch_run
+    from pipeline.runner import RunRequest
+
+    request = RunRequest(data=f"s3://{KEY_ID}:{SECRET}@images/private", out=str(tmp_path), s3_endpoint=s3_endpoint)
+    launched = launch_run(request)
+    child = psutil.Process(launched.pid)
+    command_line = " ".join(child.cmdline())
+    assert "s3://images/private" in command_line and SECRET not in command_line and KEY_ID not in command_line
+    assert child.environ()["AWS_SECRET_ACCESS_KEY"] == SECRET
+    assert child.wait(timeout=300) == 0, launched.log.read_text()
+    manifest = json.loads((tmp_path / launched.run_id / "manifest.json").read_text())
+    assert manifest["status"] == "complete" and manifest["counts"]["predicted"] == 9
+    assert SECRET not in launched.log.read_text()

@@ -1,7 +1,7 @@
 import pytest
 
 from pipeline.errors import UserError
-from pipeline.sources import list_images, open_source, redact_uri
+from pipeline.sources import credentials_to_environment, list_images, open_source, redact_uri
 
 from .conftest import SAMPLE
 
@@ -52,6 +52,15 @@ def test_tutorial_s3_uri_is_accepted_as_is():
 def test_credentials_are_redacted_from_uris():
     assert redact_uri("s3://AKIA:SECRET@bucket/prefix") == "s3://bucket/prefix"
     assert redact_uri("s3://anonymous@bucket/prefix") == "s3://anonymous@bucket/prefix"
+
+
+def test_keys_in_a_uri_move_to_environment_variables():
+    keys = {"AWS_ACCESS_KEY_ID": "AKIA", "AWS_SECRET_ACCESS_KEY": "SE:CRET"}
+    assert credentials_to_environment("s3://AKIA:SE:CRET@bucket/prefix") == ("s3://bucket/prefix", keys)
+    secret_with_slash = {"AWS_ACCESS_KEY_ID": "AKIA", "AWS_SECRET_ACCESS_KEY": "ab/c+d"}
+    assert credentials_to_environment("s3://AKIA:ab%2Fc+d@bucket/p") == ("s3://bucket/p", secret_with_slash)
+    for uri in ("s3://anonymous@bucket/p", "s3://bucket/p", "/data/images", "gs://bucket/p"):
+        assert credentials_to_environment(uri) == (uri, {})
 
 
 def test_unsupported_scheme():
