@@ -6,6 +6,7 @@ import json
 import os
 import subprocess
 import sys
+import threading
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -226,25 +227,56 @@ def runs_in(settings: Settings) -> list[tuple[Path, runs.Manifest]]:
     return runs.list_runs(runs_root(settings))
 
 
-def run_version(path: Path) -> tuple[int, int]:
-    """Changes whenever prediction rows are added, so cached predictions of a live run refresh."""
-    sizes = []
+def _part_stats(path: Path) -> list[tuple[str, int, int]]:
+    """(name, size, mtime) of each prediction part written so far."""
+    stats = []
     for part in runs.prediction_parts(path):
         try:
-            sizes.append(part.stat().st_size)
+            stat = part.stat()
         except FileNotFoundError:  # replaced under us; the next look sees the new one
             continue
-    return len(sizes), sum(sizes)
+        stats.append((part.name, stat.st_size, stat.st_mtime_ns))
+    return stats
 
 
-@st.cache_resource(show_spinner="Reading predictions…", max_entries=6)
-def _cached_predictions(path: str, version: tuple[int, int], label_set: tuple[str, ...]) -> metrics.Predictions:
-    """Shared across sessions and never copied: treat as read-only. ``version`` is only a cache key."""
-    return metrics.load(path, list(label_set))
+def run_version(path: Path) -> tuple[int, int]:
+    """Changes whenever prediction rows are added, so cached results over a live run refresh."""
+    stats = _part_stats(path)
+    return len(stats), sum(size for _, size, _ in stats)
+
+
+class LivePredictions:
+    """A run's predictions as read so far. A part never changes once written, so a live run's refresh
+    reads only the parts that are new and appends them (a million-row run is not read again every
+    second); a part that did change (the folder was replaced) starts the reading over."""
+
+    def __init__(self, path: Path, label_set: list[str]):
+        self.path, self.label_set = path, label_set
+        self.lock = threading.Lock()  # sessions share this object
+        self.read: list[tuple[str, int, int]] = []
+        self.predictions = metrics.load(path, label_set, parts=[])
+
+    def current(self) -> metrics.Predictions:
+        """The latest rows; the returned object is shared by every session and never changes (treat as read-only)."""
+        with self.lock:
+            stats = _part_stats(self.path)
+            if stats[: len(self.read)] != self.read:
+                self.read, self.predictions = [], metrics.load(self.path, self.label_set, parts=[])
+            new = [self.path / runs.PREDICTIONS / name for name, _, _ in stats[len(self.read) :]]
+            if new:
+                self.predictions = metrics.concat(self.predictions, metrics.load(self.path, self.label_set, parts=new))
+                self.read = stats
+            return self.predictions
+
+
+@st.cache_resource(show_spinner=False, max_entries=6)
+def _live_predictions(path: str, label_set: tuple[str, ...]) -> LivePredictions:
+    return LivePredictions(Path(path), list(label_set))
 
 
 def load_predictions(path: Path, manifest: runs.Manifest) -> metrics.Predictions:
-    return _cached_predictions(str(path), run_version(path), tuple(manifest.label_set or ()))
+    with st.spinner("Reading predictions…"):
+        return _live_predictions(str(path), tuple(manifest.label_set or ())).current()
 
 
 def describe_run(manifest: runs.Manifest) -> str:

@@ -7,6 +7,7 @@ Ground truth is optional throughout: metrics that need it return empty tables wi
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
@@ -76,9 +77,10 @@ class Predictions:
 COLUMNS = ["path", "ground_truth", "label", "score", "topk_labels", "label_set_scores"]
 
 
-def load(path: str | Path, label_set: list[str] | None = None) -> Predictions:
-    """Only the columns evaluation needs, labels read as Parquet dictionaries, then turned into codes."""
-    table = runs.read_predictions(path, COLUMNS, categorical=["ground_truth", "label"]).unify_dictionaries()
+def load(path: str | Path, label_set: list[str] | None = None, parts: Sequence[Path] | None = None) -> Predictions:
+    """Only the columns evaluation needs, labels read as Parquet dictionaries, then turned into codes;
+    every part of the run, or only ``parts``."""
+    table = runs.read_predictions(path, COLUMNS, categorical=["ground_truth", "label"], parts=parts).unify_dictionaries()
     truth, label = (table.column(name).combine_chunks() for name in ("ground_truth", "label"))
     names = set(truth.dictionary.to_pylist()) | set(label.dictionary.to_pylist()) | set(label_set or ())
     classes = np.array(sorted(name for name in names if name is not None), dtype=object)
@@ -104,6 +106,34 @@ def load(path: str | Path, label_set: list[str] | None = None) -> Predictions:
         label_set_score=label_set_score,
         paths=table.column("path").combine_chunks(),
         rows=np.arange(table.num_rows),
+    )
+
+
+def concat(first: Predictions, second: Predictions) -> Predictions:
+    """The rows of two whole loads, in order, their codes moved onto the union of their classes: how a
+    live run's new parts join the rows already read, without reading those again."""
+    classes = np.array(sorted(set(first.classes) | set(second.classes)), dtype=object)
+
+    def recode(p: Predictions, codes: np.ndarray) -> np.ndarray:
+        lookup = np.append(np.searchsorted(classes, p.classes), NO_CLASS).astype(np.int32)
+        return lookup[codes]  # NO_CLASS (-1) picks the appended NO_CLASS
+
+    def both(name: str, codes: bool = False) -> np.ndarray | None:
+        a, b = getattr(first, name), getattr(second, name)
+        if a is None:
+            return None
+        return np.concatenate([recode(first, a), recode(second, b)] if codes else [a, b])
+
+    return Predictions(
+        classes=classes,
+        truth=both("truth", codes=True),
+        label=both("label", codes=True),
+        score=both("score"),
+        topk_hit=both("topk_hit"),
+        label_set_label=both("label_set_label", codes=True),
+        label_set_score=both("label_set_score"),
+        paths=pa.concat_arrays([first.paths, second.paths]),
+        rows=np.arange(len(first) + len(second)),
     )
 
 

@@ -262,8 +262,10 @@ def prediction_parts(path: Path) -> list[Path]:
     return sorted((path / PREDICTIONS).glob("part-*.parquet"))
 
 
-def read_predictions(path: str | Path, columns: list[str] | None = None, categorical: Sequence[str] = ()) -> pa.Table:
-    """All prediction rows written so far (also for a run still in progress).
+def read_predictions(
+    path: str | Path, columns: list[str] | None = None, categorical: Sequence[str] = (), parts: Sequence[Path] | None = None
+) -> pa.Table:
+    """All prediction rows written so far (also for a run still in progress), or those of ``parts``.
 
     Columns a part lacks (written before they existed) read as nulls. ``categorical`` string
     columns come back dictionary-encoded, straight from Parquet's own dictionaries: a million
@@ -273,7 +275,7 @@ def read_predictions(path: str | Path, columns: list[str] | None = None, categor
         [pa.field(f.name, pa.dictionary(pa.int32(), pa.string())) if f.name in categorical else f for f in PREDICTION_SCHEMA]
     )
     columns = columns or schema.names
-    parts = prediction_parts(Path(path))
+    parts = prediction_parts(Path(path)) if parts is None else parts
     if not parts:
         return schema.empty_table().select(columns)
     file_format = pads.ParquetFileFormat(read_options=pads.ParquetReadOptions(dictionary_columns=set(categorical)))

@@ -214,3 +214,14 @@ def test_cluster_order_puts_confused_classes_together():
     order = metrics.cluster_order(weights)
     position = {c: order.index(c) for c in range(6)}
     assert abs(position[0] - position[3]) == 1 and abs(position[3] - position[5]) == 1 and abs(position[1] - position[4]) == 1
+
+
+def test_parts_loaded_apart_then_joined_equal_loading_them_together(small, tmp_path):
+    """How a live run's refresh reads only new parts; 'owl' first appears in the second part."""
+    path, label_set = tmp_path / "small", ["cat", "dog"]
+    first, second = (metrics.load(path, label_set, parts=[part]) for part in runs.prediction_parts(path))
+    assert "owl" not in first.classes and "owl" in second.classes
+    joined = metrics.concat(metrics.concat(metrics.load(path, label_set, parts=[]), first), second)
+    for name in ("classes", "truth", "label", "score", "topk_hit", "label_set_label", "label_set_score", "rows"):
+        np.testing.assert_array_equal(getattr(joined, name), getattr(small, name), err_msg=name)
+    assert joined.paths.equals(small.paths) and metrics.summary(joined) == metrics.summary(small)

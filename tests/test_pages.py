@@ -221,3 +221,23 @@ def test_analytics_of_a_running_run_grows_as_rows_arrive(runs_dir):
     writer.flush()
     at.run()
     assert {m.label: m.value for m in at.metric}["Predicted"] == "40"
+
+
+def test_live_predictions_read_only_new_parts_and_start_over_when_a_part_changes(runs_dir, monkeypatch):
+    from pages import widgets
+    from pipeline import metrics
+
+    path = runs_dir / write_run(runs_dir, status="running")
+    live = widgets.LivePredictions(path, [])
+    assert len(live.current()) == 30 and live.current() is live.current()  # nothing new: nothing read
+    more = runs.read_predictions(path).slice(0, 10).set_column(0, "path", pa.array([f"/new/{i}.JPEG" for i in range(10)]))
+    writer = RunWriter(path)
+    writer.add(more, runs.ERROR_SCHEMA.empty_table())
+    writer.flush()
+    read, load = [], metrics.load
+    monkeypatch.setattr(metrics, "load", lambda p, s, parts=None: read.append(parts) or load(p, s, parts))
+    grown = live.current()
+    assert [[part.name for part in parts] for parts in read] == [["part-000001.parquet"]]
+    assert len(grown) == 40 and grown.paths.equals(load(path).paths)
+    runs.atomic_write_table(runs.prediction_parts(path)[0], runs.read_predictions(path).slice(0, 5))  # the folder was replaced
+    assert len(live.current()) == 15
