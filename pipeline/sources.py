@@ -20,11 +20,22 @@ from .errors import UserError, one_line
 IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".gif", ".bmp", ".tif", ".tiff", ".webp"})
 SAMPLE_DATA = Path(__file__).parent / "sample_data" / "imagenette"
 ENDPOINT_ENV = ("AWS_ENDPOINT_URL_S3", "AWS_ENDPOINT_URL")
+GCS_EMULATOR_ENV = "STORAGE_EMULATOR_HOST"
 
 
 def default_endpoint() -> str | None:
     """The S3 endpoint from the standard AWS variables, for MinIO/moto/Ceph and other S3 servers."""
     return next((os.environ[name] for name in ENDPOINT_ENV if os.environ.get(name)), None)
+
+
+def gcs_filesystem() -> pafs.GcsFileSystem:
+    """Google Cloud Storage with the machine's default credentials, or the emulator that
+    ``STORAGE_EMULATOR_HOST`` names (the variable Google's own clients read), anonymously."""
+    emulator = os.environ.get(GCS_EMULATOR_ENV)
+    if not emulator:
+        return pafs.GcsFileSystem()
+    url = urlparse(emulator if "://" in emulator else f"http://{emulator}")
+    return pafs.GcsFileSystem(anonymous=True, endpoint_override=url.netloc, scheme=url.scheme)
 
 
 @dataclass(frozen=True)
@@ -111,7 +122,7 @@ def open_source(uri: str, s3_endpoint: str | None = None) -> Source:
         return Source(redact_uri(uri), pafs.S3FileSystem(**options), root, "s3")
     if parsed.scheme in ("gs", "gcs"):
         root = f"{parsed.netloc}/{parsed.path.strip('/')}".rstrip("/")
-        return Source(uri, pafs.GcsFileSystem(), root, "gs")
+        return Source(uri, gcs_filesystem(), root, "gs")
     raise UserError(f"unsupported dataset URI scheme {parsed.scheme!r}: use a local folder, s3:// or gs://")
 
 
