@@ -33,7 +33,7 @@ import psutil
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from throughput import ROOT, SHARED, ensure_weights, first_prediction_s, measure, repeat_folder
 
-from pipeline.graphs import CACHE_ENV
+from pipeline.cache import CACHE_ENV
 from pipeline.inference import GPU_BATCH_SIZE, Classifier
 from pipeline.models import DEFAULT_MODEL, describe, parse_model
 from pipeline.preprocess import decode

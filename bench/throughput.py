@@ -33,7 +33,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 SHARED = ROOT.parent / "shared" / "data" / "imagenette-val"
 
-from pipeline.graphs import CACHE_ENV  # noqa: E402
+from pipeline.cache import CACHE_ENV  # noqa: E402
 from pipeline.inference import Classifier, resolve_precision  # noqa: E402
 from pipeline.models import describe, hub_checkpoint_path, parse_model  # noqa: E402
 from pipeline.preprocess import decode  # noqa: E402

@@ -15,23 +15,14 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
-import os
 import re
-import tempfile
 import warnings
-from importlib import metadata
 from pathlib import Path
 
+from .cache import cache_dir, package_version, write_atomically
 from .models import ModelInfo
 
-CACHE_ENV = "PIPELINE_GRAPH_CACHE"
 GRAPH_FORMAT = 1  # bump whenever this project changes how a network is built, wrapped or traced
-
-
-def cache_dir() -> Path:
-    if os.environ.get(CACHE_ENV):
-        return Path(os.environ[CACHE_ENV]).expanduser()
-    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "batch-classify" / "graphs"
 
 
 def graph_path(info: ModelInfo, micro_batch: int) -> Path | None:
@@ -48,7 +39,7 @@ def graph_path(info: ModelInfo, micro_batch: int) -> Path | None:
         "spec": info.spec.to_dict(),
         "weights": [str(weights.resolve()), stat.st_size, stat.st_mtime_ns],
         "input": [micro_batch, 3, info.preprocessing.crop, info.preprocessing.crop],
-        "versions": [_version("torch"), _version("torchvision"), _version("timm")],
+        "versions": [package_version("torch"), package_version("torchvision"), package_version("timm")],
         "cpu": torch.backends.cpu.get_cpu_capability(),
     }
     digest = hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:20]
@@ -70,22 +61,15 @@ def load(path: Path | None):
 
 
 def keep(graph, path: Path | None) -> None:
-    """Write atomically, so a concurrent actor never loads half a file; a read-only disk just means no cache."""
+    """Keep a verified graph where ``graph_path`` said; a read-only disk just means no cache."""
     import torch
 
-    if path is None:
-        return
-    with contextlib.suppress(OSError, RuntimeError):
-        path.parent.mkdir(parents=True, exist_ok=True)
-        handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=".partial-", suffix=".pt")
-        os.close(handle)
-        try:
-            with _jit_quietly():
-                torch.jit.save(graph, temporary)
-            os.chmod(temporary, 0o644)  # mkstemp's 0600 would hide a shared cache from other users
-            os.replace(temporary, path)
-        finally:
-            Path(temporary).unlink(missing_ok=True)
+    def save(temporary: str) -> None:
+        with _jit_quietly():
+            torch.jit.save(graph, temporary)
+
+    if path is not None:
+        write_atomically(path, save)
 
 
 def frozen_graph(module, example):
@@ -107,10 +91,3 @@ def _jit_quietly():
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         yield
-
-
-def _version(package: str) -> str | None:
-    try:
-        return metadata.version(package)
-    except metadata.PackageNotFoundError:
-        return None

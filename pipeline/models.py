@@ -9,10 +9,10 @@ from __future__ import annotations
 
 import os
 from dataclasses import asdict, dataclass
-from functools import lru_cache
 from pathlib import Path
 from urllib.parse import urlparse
 
+from . import catalogue
 from .errors import UserError, one_line
 from .labels import imagenet_classes
 from .preprocess import Preprocessing
@@ -72,11 +72,9 @@ def _torchvision():
     return torchvision.models
 
 
-@lru_cache(maxsize=1)
 def torchvision_classifiers() -> tuple[str, ...]:
-    """Names of torchvision's ImageNet classification models (the ``torchvision.models`` namespace)."""
-    models = _torchvision()
-    return tuple(models.list_models(module=models))
+    """Names of torchvision's ImageNet classification models (the ``torchvision.models`` namespace), from the catalogue."""
+    return tuple(catalogue.architectures())
 
 
 def imagenet_categories() -> tuple[str, ...]:
@@ -92,9 +90,7 @@ def _efficientnet_lite0_file() -> Path:
 
 def hub_checkpoint_path(url: str) -> Path:
     """Where torch hub caches a weights URL (``$TORCH_HOME/hub/checkpoints/<file>``)."""
-    import torch.hub
-
-    return Path(torch.hub.get_dir()) / "checkpoints" / os.path.basename(urlparse(url).path)
+    return catalogue.torch_hub_dir() / "checkpoints" / os.path.basename(urlparse(url).path)
 
 
 def parse_model(
@@ -124,10 +120,10 @@ def parse_model(
             f"unknown model {name!r}: use {DEFAULT_MODEL}, a torchvision classifier (e.g. resnet152, "
             "resnet50:IMAGENET1K_V1), or a custom --checkpoint; `python -m pipeline models` lists them"
         )
-    enum = _torchvision().get_model_weights(base)
-    if weights and weights not in enum.__members__:
-        raise UserError(f"{base} has no weights {weights!r}; choose from {', '.join(enum.__members__)}")
-    return ModelSpec(base, weights or enum.DEFAULT.name)
+    architecture = catalogue.architectures()[base]
+    if weights and weights not in architecture.weights:
+        raise UserError(f"{base} has no weights {weights!r}; choose from {', '.join(architecture.weights)}")
+    return ModelSpec(base, weights or architecture.default)
 
 
 def _read_labels(path: str) -> tuple[str, ...]:
@@ -135,17 +131,6 @@ def _read_labels(path: str) -> tuple[str, ...]:
     if not labels:
         raise UserError(f"labels file is empty: {path}")
     return labels
-
-
-def _preprocessing_from_transforms(transforms) -> Preprocessing:
-    interpolation = getattr(transforms.interpolation, "value", "bilinear")
-    return Preprocessing(
-        resize=int(transforms.resize_size[0]),
-        crop=int(transforms.crop_size[0]),
-        mean=tuple(float(v) for v in transforms.mean),
-        std=tuple(float(v) for v in transforms.std),
-        interpolation=interpolation if interpolation in ("bilinear", "bicubic") else "bilinear",
-    )
 
 
 def describe(spec: ModelSpec) -> ModelInfo:
@@ -164,7 +149,8 @@ def describe(spec: ModelSpec) -> ModelInfo:
     if spec.name == "custom":
         preprocessing = IMAGENET_PREPROCESSING
         if spec.arch:
-            preprocessing = _preprocessing_from_transforms(_torchvision().get_model_weights(spec.arch).DEFAULT.transforms())
+            architecture = catalogue.architectures()[spec.arch]
+            preprocessing = architecture.weights[architecture.default].preprocessing
         return ModelInfo(
             spec,
             _read_labels(spec.labels_file or ""),
@@ -174,12 +160,12 @@ def describe(spec: ModelSpec) -> ModelInfo:
             True,
             f"torchvision {spec.arch} state dict" if spec.arch else "TorchScript",
         )
-    weights = _torchvision().get_model_weights(spec.name)[spec.weights]
+    weights = catalogue.architectures()[spec.name].weights[spec.weights or ""]
     path = hub_checkpoint_path(weights.url)
     return ModelInfo(
         spec,
-        tuple(weights.meta["categories"]),
-        _preprocessing_from_transforms(weights.transforms()),
+        weights.categories,
+        weights.preprocessing,
         spec.weights or "",
         str(path),
         path.is_file(),

@@ -32,8 +32,8 @@ def run_cli(*args: str, env: dict | None = None, timeout: float = 600, cwd: Path
 
 @pytest.fixture(scope="session", autouse=True)
 def graph_cache(tmp_path_factory) -> Path:
-    """Frozen graphs kept by this session's runs go to a temporary folder, never the user's cache."""
-    from pipeline.graphs import CACHE_ENV
+    """Frozen graphs and the torchvision catalogue kept by this session go to a temporary folder, never the user's cache."""
+    from pipeline.cache import CACHE_ENV
 
     folder = tmp_path_factory.mktemp("graphs")
     os.environ[CACHE_ENV] = str(folder)

@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from pipeline import graphs
+from pipeline.cache import CACHE_ENV
 from pipeline.inference import Classifier
 from pipeline.models import DEFAULT_MODEL, describe, parse_model
 
@@ -17,7 +18,7 @@ from .test_inference import sample_crops
 @pytest.fixture
 def cache(tmp_path, monkeypatch):
     folder = tmp_path / "graphs"
-    monkeypatch.setenv(graphs.CACHE_ENV, str(folder))
+    monkeypatch.setenv(CACHE_ENV, str(folder))
     return folder
 
 
@@ -74,7 +75,7 @@ def test_an_unreadable_kept_graph_is_rebuilt(cache):
 def test_a_cache_that_cannot_be_written_still_classifies(tmp_path, monkeypatch):
     blocker = tmp_path / "a-file"
     blocker.write_text("")
-    monkeypatch.setenv(graphs.CACHE_ENV, str(blocker / "graphs"))
+    monkeypatch.setenv(CACHE_ENV, str(blocker / "graphs"))
     classifier = fast_classifier()
     probabilities = classifier.probabilities(sample_crops(4, classifier.preprocessing))
     assert isinstance(classifier.graph, torch.jit.ScriptModule) and probabilities.shape == (4, 1000)
