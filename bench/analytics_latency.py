@@ -3,7 +3,9 @@
 Starts the dashboard on a runs folder holding a synthetic 1,000,000-row run and a small one,
 opens Analytics on the small run, then picks the big run from the run chooser and times until
 its numbers and charts are on the page (the script has finished and every chart is drawn).
-The first pick reads the Parquet parts (cold); later picks hit the per-run cache (warm). Usage:
+The first pick reads the Parquet parts (cold); later picks hit the per-run cache (warm). Then, without
+the browser, what a live run's refresh costs once one more part has arrived: reading that part alone
+and appending it (what the pages do) against reading every part again (what they did before). Usage:
 
     python bench/analytics_latency.py [--rows 1000000] [--repeats 5] [--runs-dir DIR]
 """
@@ -26,6 +28,8 @@ import psutil
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from pages.widgets import LivePredictions  # noqa: E402
+from pipeline import metrics, runs  # noqa: E402
 from pipeline.synthetic import write_synthetic_run  # noqa: E402
 
 CHARTS = 5  # label counts, confidence, confusion, reliability, coverage (all tabs are drawn)
@@ -67,6 +71,26 @@ def pick(page, label: str, predicted: str) -> float:
     return time.perf_counter() - began
 
 
+def live_refresh(run: Path) -> tuple[float, float]:
+    """Seconds to take in one new part: appended to what was read, and by reading every part again."""
+    live = LivePredictions(run, [])
+    live.current()
+    parts = runs.prediction_parts(run)
+    added = run / runs.PREDICTIONS / f"part-{len(parts):06d}.parquet"
+    shutil.copy(parts[-1], added)  # one more part, as a live run writes them
+    try:
+        began = time.perf_counter()
+        appended = live.current()
+        incremental = time.perf_counter() - began
+        began = time.perf_counter()
+        everything = metrics.load(run)
+        full = time.perf_counter() - began
+    finally:
+        added.unlink()
+    assert len(appended) == len(everything)
+    return incremental, full
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--rows", type=int, default=1_000_000)
@@ -106,10 +130,12 @@ def main() -> None:
         server.terminate()
         server.wait(timeout=30)
 
+    incremental, full = live_refresh(runs_dir / big)
     cpu = f"{psutil.cpu_count()} CPUs, {psutil.virtual_memory().total / 2**30:.0f} GiB"
     print(f"{cpu}; {args.rows:,}-row run; chart-ready times after picking it in the run chooser")
     print(f"cold (first read of the Parquet parts): {cold:.2f} s")
     print(f"warm (cached per run): median {statistics.median(warm):.2f} s, max {max(warm):.2f} s over {len(warm)}")
+    print(f"live refresh after one more part: {incremental:.3f} s reading it alone and appending, {full:.2f} s reading every part")
     print(f"screenshot: {args.screenshot}")
 
 
