@@ -1,8 +1,9 @@
 """Throughput and memory, in one invocation, on one folder and model:
 
 (a) Ray's tutorial pipeline as written  (b) this project's pipeline as the CLI runs it
-(c) the model's forward pass alone on pre-decoded crops, exactly as the project's actor runs it
-    (on a CPU: the frozen graph on micro-batches), at the same batch size: the limit for (b)
+(c) the model's forward pass alone on pre-decoded crops, exactly as the project's actors run it
+    (on a CPU: as many processes as the pipeline has actors, each with its threads, running the frozen
+    graph on micro-batches, all at once), at the same batch size: the limit for (b)
 (d) a plain PyTorch DataLoader loop with the same decoding and forward pass (what Ray costs)
 
 Whole processes for (a), (b), (d): start-up included, as a user experiences it. The cache of frozen
@@ -34,7 +35,7 @@ sys.path.insert(0, str(ROOT))
 SHARED = ROOT.parent / "shared" / "data" / "imagenette-val"
 
 from pipeline.cache import CACHE_ENV  # noqa: E402
-from pipeline.inference import Classifier, resolve_precision  # noqa: E402
+from pipeline.inference import Classifier, plan, resolve_precision  # noqa: E402
 from pipeline.models import describe, hub_checkpoint_path, parse_model  # noqa: E402
 from pipeline.preprocess import decode  # noqa: E402
 from pipeline.sources import list_images, open_source  # noqa: E402
@@ -79,10 +80,28 @@ def ensure_weights(model: str, torch_home: Path) -> bool:
     return True
 
 
-def forward_only(model: str, files: list[str], batch_size: int, precision: str, fast_path: bool = True, batches: int = 6) -> float:
-    """img/s of the forward pass on pre-decoded uint8 crops, as the project's actor runs it (threads = cores);
-    ``fast_path=False``: the plain eager network on whole batches, for context."""
-    classifier = Classifier(parse_model(model), device="cpu", precision=precision, threads=os.cpu_count(), fast_path=fast_path)
+def forward_only(model: str, files: list[str], batch_size: int, precision: str, actors: int, threads: int, seconds: float = 30.0) -> float:
+    """img/s of the forward pass on pre-decoded uint8 crops as the project's actors run it: ``actors``
+    processes of ``threads`` threads each, timed over the same window, rates summed."""
+    began = time.time() + 20 + 5 * actors  # every process has loaded its model and warmed up by then
+    code = (
+        "import sys, time, numpy as np; from pathlib import Path; from pipeline.inference import Classifier; "
+        "from pipeline.models import parse_model; from pipeline.preprocess import decode; "
+        f"c = Classifier(parse_model({model!r}), device='cpu', precision={precision!r}, threads={threads}); "
+        f"crops = np.stack([decode(Path(f).read_bytes(), c.preprocessing) for f in {files[:batch_size]!r}]); c.top_k(crops); "
+        f"time.sleep(max(0.0, {began} - time.time())); n, t = 0, time.perf_counter()\n"
+        f"while time.perf_counter() - t < {seconds}: c.top_k(crops); n += len(crops)\n"
+        "print(n / (time.perf_counter() - t))"
+    )
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    command = [sys.executable, "-c", code]
+    processes = [subprocess.Popen(command, stdout=subprocess.PIPE, text=True, env=env, cwd=ROOT) for _ in range(actors)]
+    return sum(float(process.communicate()[0]) for process in processes)
+
+
+def eager_forward(model: str, files: list[str], batch_size: int, batches: int = 3) -> float:
+    """img/s of the plain eager fp32 network on whole batches with every core, for context."""
+    classifier = Classifier(parse_model(model), device="cpu", precision="fp32", threads=os.cpu_count(), fast_path=False)
     crops = np.stack([decode(Path(f).read_bytes(), classifier.preprocessing) for f in files[:batch_size]])
     classifier.top_k(crops)  # warm-up
     began = time.perf_counter()
@@ -91,9 +110,8 @@ def forward_only(model: str, files: list[str], batch_size: int, precision: str, 
     return batches * batch_size / (time.perf_counter() - began)
 
 
-def first_prediction_s(model: str, env: dict, device: str = "cpu") -> float:
+def first_prediction_s(model: str, env: dict, device: str = "cpu", threads: int | None = None) -> float:
     """Seconds from a fresh interpreter to the first micro-batch's answer, as a model actor gets there."""
-    threads = os.cpu_count() if device == "cpu" else None
     code = (
         "import time; began = time.perf_counter(); import numpy as np; from pipeline.inference import Classifier; "
         f"from pipeline.models import parse_model; c = Classifier(parse_model({model!r}), device={device!r}, threads={threads}); "
@@ -162,11 +180,13 @@ def main() -> None:
         n = len(files)
         result = {"model": model, "random_weights": random_weights}
         precision = resolve_precision("auto", "cpu", model)
-        result["start_cold"] = first_prediction_s(model, env)  # builds and keeps the graph
-        result["start_kept"] = first_prediction_s(model, env)
+        layout = plan(n, psutil.cpu_count(), 0, args.batch_size, None, None)  # the actors (b) will run
+        result["layout"] = f"{layout.concurrency} × {layout.threads} thread(s)"
+        result["start_cold"] = first_prediction_s(model, env, threads=layout.threads)  # builds and keeps the graph
+        result["start_kept"] = first_prediction_s(model, env, threads=layout.threads)
         if "c" not in skip:
-            result["c"] = forward_only(model, files, args.batch_size, precision)
-            result["c_eager"] = forward_only(model, files, args.batch_size, "fp32", fast_path=False, batches=3)
+            result["c"] = forward_only(model, files, args.batch_size, precision, layout.concurrency, layout.threads)
+            result["c_eager"] = eager_forward(model, files, args.batch_size)
         if "a" not in skip:
             seconds, rss, _ = measure([sys.executable, "bench/tutorial_pipeline.py", args.data, model, str(args.batch_size), "1"], env)
             result.update(a=n / seconds, a_rss=rss)
@@ -202,8 +222,8 @@ def main() -> None:
     for result in rows:
         if "c_eager" in result:
             print(
-                f"{result['model']}: forward pass {result['c']:.1f} img/s as the actor runs it, "
-                f"{result['c_eager']:.1f} img/s as plain eager fp32 on batches of {args.batch_size}"
+                f"{result['model']}: forward pass {result['c']:.1f} img/s as the actors run it ({result['layout']}), "
+                f"{result['c_eager']:.1f} img/s as plain eager fp32 on batches of {args.batch_size} with every core"
             )
     for result in rows:
         print(

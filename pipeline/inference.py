@@ -1,7 +1,9 @@
 """The batch-inference pipeline on Ray Data, in the tutorial's shape but lean.
 
-paths (driver) → ``decode_batch`` tasks (read, decode, resize, crop → uint8) →
-``Predictor`` actors (model loaded once; normalise, forward, top-k) → small prediction rows.
+GPU actors: paths (driver) → ``decode_batch`` tasks on the CPUs (read, decode, resize, crop → uint8)
+→ ``Predictor`` actors (model loaded once; normalise, forward, top-k) → small prediction rows.
+CPU actors read and decode their own batches of paths: the CPUs that would decode are the ones the
+model runs on, so separate tasks would only preempt the forward pass and copy crops through the object store.
 Pixels stop at the actor; failures to read or decode travel as rows with an ``error`` so the
 driver can account for every input.
 """
@@ -10,6 +12,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import numpy as np
@@ -25,6 +28,13 @@ PRECISIONS = ("auto", "fp32", "bf16")
 DECODE_BYTES_PER_IMAGE = 4 * 1024 * 1024  # a photo's bytes plus its decoded pixels, generously
 MIN_OBJECT_STORE_BUDGET = 256 * 1024 * 1024  # decoded crops waiting for the model actors, at most
 CPU_BATCH_SIZE = 64  # images per batch a CPU actor receives (its forward pass uses micro-batches)
+# CPU actors are single-threaded, one per CPU, up to this many (each holds its own copy of the model);
+# beyond it, actors get more threads. On 2 cores, two 1-thread actors against one 2-thread actor:
+# resnet50 forward pass 12.2-12.5 against 10.9 img/s; whole runs steady 61-66 against 53-55 img/s
+# (efficientnet_lite0) and 14.8-15.2 against 12.3-12.8 (resnet50). Intra-op threads wait for each
+# other at every layer, and any other process that preempts one stalls both.
+MAX_CPU_ACTORS = 8
+REMOTE_READ_THREADS = 8  # a CPU actor reading from s3:// or gs:// waits on the network, not on its CPU
 GPU_BATCH_SIZE = 512  # enough to keep a data-centre GPU busy; bf16 activations of resnet152 fit in a few GiB
 # Two actors share each GPU, so that one's host-side work (assembling a batch, copying it over, building
 # rows) overlaps the other's forward pass: ResNet-152 on an H200, 3,610 → 5,479 img/s steady.
@@ -137,16 +147,26 @@ def resolve_precision(precision: str, device: str, model: str) -> str:
     return precision
 
 
-def decode_batch(batch: dict[str, np.ndarray], source: Source, preprocessing: Preprocessing) -> dict[str, np.ndarray]:
-    """Read and decode a block of paths; an unreadable file becomes a row with an ``error``."""
+def decode_batch(
+    batch: dict[str, np.ndarray], source: Source, preprocessing: Preprocessing, pool: ThreadPoolExecutor | None = None
+) -> dict[str, np.ndarray]:
+    """Read and decode a block of paths (on ``pool``'s threads when given: Pillow and reads release
+    the GIL); an unreadable file becomes a row with an ``error``."""
     paths = batch["path"]
     images = np.zeros((len(paths), preprocessing.crop, preprocessing.crop, 3), dtype=np.uint8)
     errors = [""] * len(paths)
-    for i, path in enumerate(paths):
+
+    def decode_one(i: int) -> None:
         try:
-            images[i] = decode(source.read(str(path)), preprocessing)
+            images[i] = decode(source.read(str(paths[i])), preprocessing)
         except Exception as error:
             errors[i] = describe_error(error)
+
+    if pool is None:
+        for i in range(len(paths)):
+            decode_one(i)
+    else:
+        list(pool.map(decode_one, range(len(paths))))
     return {"path": paths, "ground_truth": batch["ground_truth"], "image": images, "error": np.array(errors, dtype=object)}
 
 
@@ -157,6 +177,7 @@ class PredictorOptions:
     precision: str = "auto"
     threads: int | None = None
     label_set: tuple[int, ...] = ()
+    source: Source | None = None  # set: the actor receives paths and reads and decodes them itself
 
 
 class Predictor:
@@ -166,8 +187,15 @@ class Predictor:
         self.classifier = Classifier(options.info.spec, precision=options.precision, threads=options.threads, info=options.info)
         self.topk = options.topk
         self.label_set = options.label_set
+        self.source = options.source
+        self.pool = None
+        if options.source is not None:
+            workers = (options.threads or 1) if options.source.scheme == "file" else max(options.threads or 1, REMOTE_READ_THREADS)
+            self.pool = ThreadPoolExecutor(workers) if workers > 1 else None
 
     def __call__(self, batch: dict[str, np.ndarray]) -> pa.Table:
+        if self.source is not None:
+            batch = decode_batch(batch, self.source, self.classifier.preprocessing, self.pool)
         errors = [str(e) if e else None for e in batch["error"]]
         ok = np.array([e is None for e in errors], dtype=bool)
         n, k = len(errors), self.topk
@@ -200,7 +228,8 @@ class Predictor:
 
 @dataclass(frozen=True)
 class Plan:
-    """How the work is spread: actor pool size, GPUs, CPUs and threads per actor, CPUs per decode task, block size."""
+    """How the work is spread: actor pool size, GPUs, CPUs and threads per actor, CPUs per decode task,
+    block size, and whether the actors decode their own batches (CPU actors) or decode tasks feed them."""
 
     concurrency: int
     num_gpus: float
@@ -209,6 +238,7 @@ class Plan:
     block_rows: int
     actor_cpus: float = 1.0
     decode_cpus: float = 1.0
+    actors_decode: bool = False
 
 
 def plan(
@@ -221,11 +251,11 @@ def plan(
     node_cpus: float | None = None,
 ) -> Plan:
     """Sensible defaults: two actors per GPU (``ACTORS_PER_GPU``), or GPUs shared evenly by the actors
-    asked for; on CPUs, few actors with several torch threads each, never more threads than a node has
-    CPUs (16 CPUs over four nodes: two actors of 4 threads, not of 8).
+    asked for; on CPUs, one single-threaded actor per CPU up to ``MAX_CPU_ACTORS``, then more threads
+    per actor, never more threads than a node has CPUs (32 CPUs over eight nodes: eight actors of 4 threads).
 
-    Actors never reserve every CPU: a decode task must always fit beside them, or Ray would wait
-    forever for a CPU to read the next image (a 2-CPU machine with two actors did exactly that).
+    GPU actors never reserve every CPU: a decode task must always fit beside them, or Ray would wait
+    forever for a CPU to read the next image. CPU actors reserve the CPUs their threads use.
     ``batch_size`` None picks one for the device: large batches fill a GPU; CPUs micro-batch anyway.
     """
     if batch_size is not None and batch_size < 1:
@@ -242,16 +272,17 @@ def plan(
     if num_gpus > 0 and gpus == 0:
         raise UserError(f"--num-gpus {num_gpus} asked for, but the Ray cluster has no GPU")
     if concurrency is None:
-        concurrency = max(1, int(gpus // num_gpus)) if num_gpus else max(1, int(cpus // 8))
+        concurrency = max(1, int(gpus // num_gpus)) if num_gpus else max(1, min(MAX_CPU_ACTORS, int(cpus)))
     if num_gpus and concurrency * num_gpus > gpus + 1e-9:
         raise UserError(f"concurrency {concurrency} × {num_gpus} GPU needs {concurrency * num_gpus:g} GPUs; the cluster has {gpus:g}")
     if not num_gpus and concurrency > cpus:
         raise UserError(f"concurrency {concurrency} exceeds the cluster's {cpus:g} CPUs")
     threads = None if num_gpus else max(1, int(min(cpus // concurrency, node_cpus or cpus)))
     block_rows = max(8, min(64, math.ceil(total / max(1.0, 2 * cpus))))
-    decode_cpus = min(1.0, cpus / 2)
-    actor_cpus = min(1.0, (cpus - decode_cpus) / concurrency)
-    return Plan(concurrency, num_gpus, threads, batch_size, block_rows, actor_cpus, decode_cpus)
+    if num_gpus:
+        decode_cpus = min(1.0, cpus / 2)
+        return Plan(concurrency, num_gpus, threads, batch_size, block_rows, min(1.0, (cpus - decode_cpus) / concurrency), decode_cpus)
+    return Plan(concurrency, 0.0, threads, batch_size, block_rows, min(float(threads), cpus / concurrency), 0.0, actors_decode=True)
 
 
 def build_dataset(
@@ -276,20 +307,25 @@ def build_dataset(
     )
     blocks = [inputs.slice(start, plan_.block_rows) for start in range(0, inputs.num_rows, plan_.block_rows)]
     inputs_ds = ray.data.from_arrow(blocks)
-    decoded = inputs_ds.map_batches(
-        decode_batch,
-        fn_kwargs={"source": source, "preprocessing": info.preprocessing},
-        batch_size=None,
-        batch_format="numpy",
-        num_cpus=plan_.decode_cpus,
-        # A memory estimate (encoded + decoded + crop per row) is an honest scheduling hint and, being
-        # a remote arg the actor lacks, keeps decoding in tasks of its own: Ray would otherwise fuse it
-        # into the model actor, where it could not overlap inference.
-        memory=plan_.block_rows * (crop_bytes + DECODE_BYTES_PER_IMAGE),
+    predictor_options = PredictorOptions(info, topk, precision, plan_.threads, tuple(label_set), source if plan_.actors_decode else None)
+    decoded = (
+        inputs_ds
+        if plan_.actors_decode
+        else inputs_ds.map_batches(
+            decode_batch,
+            fn_kwargs={"source": source, "preprocessing": info.preprocessing},
+            batch_size=None,
+            batch_format="numpy",
+            num_cpus=plan_.decode_cpus,
+            # A memory estimate (encoded + decoded + crop per row) is an honest scheduling hint and, being
+            # a remote arg the actor lacks, keeps decoding in tasks of its own: Ray would otherwise fuse it
+            # into the model actor, where it could not overlap inference.
+            memory=plan_.block_rows * (crop_bytes + DECODE_BYTES_PER_IMAGE),
+        )
     )
     return decoded.map_batches(
         Predictor,
-        fn_constructor_kwargs={"options": PredictorOptions(info, topk, precision, plan_.threads, tuple(label_set))},
+        fn_constructor_kwargs={"options": predictor_options},
         batch_size=plan_.batch_size,
         batch_format="numpy",
         # One call at a time per actor, run on the actor's own thread. Ray Data's default hands each

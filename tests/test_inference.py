@@ -1,11 +1,23 @@
 import json
 
 import numpy as np
+import pyarrow as pa
 import pytest
 import torch
 
 from pipeline.errors import UserError
-from pipeline.inference import ACTORS_PER_GPU, CPU_BATCH_SIZE, GPU_BATCH_SIZE, Classifier, cpu_micro_batch, plan, resolve_precision
+from pipeline.inference import (
+    ACTORS_PER_GPU,
+    CPU_BATCH_SIZE,
+    GPU_BATCH_SIZE,
+    MAX_CPU_ACTORS,
+    Classifier,
+    Plan,
+    build_dataset,
+    cpu_micro_batch,
+    plan,
+    resolve_precision,
+)
 from pipeline.models import DEFAULT_MODEL, describe, parse_model
 from pipeline.preprocess import decode
 
@@ -18,22 +30,30 @@ def sample_crops(n: int, prep) -> np.ndarray:
 
 
 @pytest.mark.parametrize("cpus", [1, 2, 3, 4, 16])
-def test_cpu_actors_always_leave_room_for_a_decode_task(cpus):
+def test_cpu_actors_decode_their_own_images_within_the_cluster_cpus(cpus):
     for concurrency in range(1, cpus + 1):
         work = plan(1000, cpus, 0, 64, concurrency, None)
-        assert work.actor_cpus * work.concurrency + work.decode_cpus <= cpus
-        assert work.actor_cpus > 0 and work.threads >= 1
+        assert work.actors_decode and work.decode_cpus == 0
+        assert work.actor_cpus * work.concurrency <= cpus
+        assert work.actor_cpus > 0 and work.threads * work.concurrency <= cpus
+
+
+def test_cpu_actors_are_single_threaded_one_per_cpu_until_the_cap():
+    assert (plan(1000, 2, 0, 64, None, None).concurrency, plan(1000, 2, 0, 64, None, None).threads) == (2, 1)
+    big = plan(1000, 4 * MAX_CPU_ACTORS, 0, 64, None, None)
+    assert (big.concurrency, big.threads) == (MAX_CPU_ACTORS, 4)
 
 
 def test_cpu_actors_never_get_more_threads_than_a_node_has():
-    assert plan(1000, 16, 0, 64, None, None, node_cpus=16).threads == 8
-    spread = plan(1000, 16, 0, 64, None, None, node_cpus=4)  # four 4-CPU nodes
-    assert (spread.concurrency, spread.threads) == (2, 4)
+    spread = plan(1000, 64, 0, 64, None, None, node_cpus=4)  # sixteen 4-CPU nodes
+    assert (spread.concurrency, spread.threads) == (MAX_CPU_ACTORS, 4)
+    assert plan(1000, 64, 0, 64, 2, None, node_cpus=16).threads == 16
 
 
-def test_gpu_actors_leave_room_for_decoding_too():
+def test_gpu_actors_leave_room_for_decode_tasks():
     work = plan(1000, 4, 4, 64, None, None)
     assert (work.concurrency, work.num_gpus, work.threads) == (4 * ACTORS_PER_GPU, 1 / ACTORS_PER_GPU, None)
+    assert not work.actors_decode and work.decode_cpus > 0
     assert work.actor_cpus * work.concurrency + work.decode_cpus <= 4
 
 
@@ -66,12 +86,34 @@ def test_plan_refuses_what_the_cluster_cannot_hold():
 
 
 def test_as_many_actors_as_cpus_still_finishes(small_folder, tmp_path):
-    """Two single-thread actors on a 2-CPU Ray once held both CPUs and waited forever for a decode slot."""
+    """Two single-thread actors hold both CPUs of a 2-CPU Ray: nothing else in the run may wait for a CPU."""
     result = run_cli("run", "--data", str(small_folder), "--out", str(tmp_path / "runs"), "--concurrency", "2", timeout=300)
     assert result.returncode == 0, result.stderr
     manifest = json.loads((tmp_path / "runs" / result.stdout.strip().splitlines()[-1].split("/")[-1] / "manifest.json").read_text())
     assert manifest["status"] == "complete" and manifest["counts"]["predicted"] == 9
     assert manifest["params"]["batch_size"] is None and f"batch {CPU_BATCH_SIZE}" in manifest["device"]
+
+
+def test_decode_tasks_and_self_decoding_actors_give_the_same_rows(small_folder):
+    """GPU plans feed actors from decode tasks; CPU plans let actors decode: both paths run here on CPUs."""
+    from pipeline import cluster
+    from pipeline.runner import label_inputs
+    from pipeline.sources import list_images, open_source
+
+    (small_folder / "n01440764" / "broken.jpg").write_bytes(b"\xff\xd8\xff garbage")
+    cluster.connect()
+    source = open_source(str(small_folder))
+    spec = parse_model(DEFAULT_MODEL)
+    inputs = label_inputs(list_images(source), describe(spec).categories)
+    rows = {}
+    for actors_decode in (True, False):
+        layout = Plan(1, 0.0, 1, 4, 3, actor_cpus=0.5, decode_cpus=0.5, actors_decode=actors_decode)
+        dataset = build_dataset(inputs, source, spec, layout)
+        assert ("MapBatches(decode_batch)" in str(dataset)) is not actors_decode
+        table = pa.concat_tables(dataset.iter_batches(batch_format="pyarrow", batch_size=None))
+        rows[actors_decode] = sorted(table.select(["path", "label", "error"]).to_pylist(), key=lambda row: row["path"])
+    assert rows[True] == rows[False] and len(rows[True]) == 10
+    assert [row["path"].endswith("broken.jpg") for row in rows[True] if row["error"]] == [True]
 
 
 def test_cpu_fast_path_is_a_frozen_graph_that_answers_like_the_eager_network():
