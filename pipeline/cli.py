@@ -79,7 +79,9 @@ def build_parser() -> Parser:
     run.add_argument(
         "--batch-size", type=positive_int, default=None, help="images per batch sent to a model actor (default: 64 on CPU, 512 on GPU)"
     )
-    run.add_argument("--concurrency", type=positive_int, default=None, help="model actors (default: two per GPU, or one single-threaded actor per CPU, at most 8)")
+    run.add_argument(
+        "--concurrency", type=positive_int, default=None, help="model actors (default: two per GPU, or one 1-thread actor per CPU, up to 8)"
+    )
     run.add_argument(
         "--num-gpus",
         type=non_negative_float,

@@ -181,7 +181,8 @@ class PredictorOptions:
 
 
 class Predictor:
-    """Ray Data actor: loads the model once, then turns uint8 batches into prediction rows."""
+    """Ray Data actor: loads the model once, then turns batches (uint8 crops, or paths it reads and
+    decodes itself) into prediction rows."""
 
     def __init__(self, options: PredictorOptions):
         self.classifier = Classifier(options.info.spec, precision=options.precision, threads=options.threads, info=options.info)
@@ -307,25 +308,26 @@ def build_dataset(
     )
     blocks = [inputs.slice(start, plan_.block_rows) for start in range(0, inputs.num_rows, plan_.block_rows)]
     inputs_ds = ray.data.from_arrow(blocks)
-    predictor_options = PredictorOptions(info, topk, precision, plan_.threads, tuple(label_set), source if plan_.actors_decode else None)
-    decoded = (
-        inputs_ds
-        if plan_.actors_decode
-        else inputs_ds.map_batches(
-            decode_batch,
-            fn_kwargs={"source": source, "preprocessing": info.preprocessing},
-            batch_size=None,
-            batch_format="numpy",
-            num_cpus=plan_.decode_cpus,
-            # A memory estimate (encoded + decoded + crop per row) is an honest scheduling hint and, being
-            # a remote arg the actor lacks, keeps decoding in tasks of its own: Ray would otherwise fuse it
-            # into the model actor, where it could not overlap inference.
-            memory=plan_.block_rows * (crop_bytes + DECODE_BYTES_PER_IMAGE),
+    if plan_.actors_decode:
+        batches, actor_source = inputs_ds, source
+    else:
+        batches, actor_source = (
+            inputs_ds.map_batches(
+                decode_batch,
+                fn_kwargs={"source": source, "preprocessing": info.preprocessing},
+                batch_size=None,
+                batch_format="numpy",
+                num_cpus=plan_.decode_cpus,
+                # A memory estimate (encoded + decoded + crop per row) is an honest scheduling hint and, being
+                # a remote arg the actor lacks, keeps decoding in tasks of its own: Ray would otherwise fuse it
+                # into the model actor, where it could not overlap inference.
+                memory=plan_.block_rows * (crop_bytes + DECODE_BYTES_PER_IMAGE),
+            ),
+            None,
         )
-    )
-    return decoded.map_batches(
+    return batches.map_batches(
         Predictor,
-        fn_constructor_kwargs={"options": predictor_options},
+        fn_constructor_kwargs={"options": PredictorOptions(info, topk, precision, plan_.threads, tuple(label_set), actor_source)},
         batch_size=plan_.batch_size,
         batch_format="numpy",
         # One call at a time per actor, run on the actor's own thread. Ray Data's default hands each
