@@ -273,7 +273,8 @@ def plan(
     if num_gpus > 0 and gpus == 0:
         raise UserError(f"--num-gpus {num_gpus} asked for, but the Ray cluster has no GPU")
     if concurrency is None:
-        concurrency = max(1, int(gpus // num_gpus)) if num_gpus else max(1, min(MAX_CPU_ACTORS, int(cpus)))
+        # On CPUs, no more actors than there are batches: an actor without work still loads a model.
+        concurrency = max(1, int(gpus // num_gpus)) if num_gpus else max(1, min(MAX_CPU_ACTORS, int(cpus), math.ceil(total / batch_size)))
     if num_gpus and concurrency * num_gpus > gpus + 1e-9:
         raise UserError(f"concurrency {concurrency} × {num_gpus} GPU needs {concurrency * num_gpus:g} GPUs; the cluster has {gpus:g}")
     if not num_gpus and concurrency > cpus:
