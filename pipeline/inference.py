@@ -189,10 +189,10 @@ class Predictor:
         self.topk = options.topk
         self.label_set = options.label_set
         self.source = options.source
-        self.pool = None
-        if options.source is not None:
-            workers = (options.threads or 1) if options.source.scheme == "file" else max(options.threads or 1, REMOTE_READ_THREADS)
-            self.pool = ThreadPoolExecutor(workers) if workers > 1 else None
+        workers = options.threads or 1
+        if options.source is not None and options.source.scheme != "file":
+            workers = max(workers, REMOTE_READ_THREADS)
+        self.pool = ThreadPoolExecutor(workers) if options.source is not None and workers > 1 else None
 
     def __call__(self, batch: dict[str, np.ndarray]) -> pa.Table:
         if self.source is not None:

@@ -39,7 +39,8 @@ def test_cpu_actors_decode_their_own_images_within_the_cluster_cpus(cpus):
 
 
 def test_cpu_actors_are_single_threaded_one_per_cpu_until_the_cap():
-    assert (plan(1000, 2, 0, 64, None, None).concurrency, plan(1000, 2, 0, 64, None, None).threads) == (2, 1)
+    two = plan(1000, 2, 0, 64, None, None)
+    assert (two.concurrency, two.threads) == (2, 1)
     big = plan(1000, 4 * MAX_CPU_ACTORS, 0, 64, None, None)
     assert (big.concurrency, big.threads) == (MAX_CPU_ACTORS, 4)
     few = plan(9, 2, 0, 64, None, None)  # one batch: one actor, with both CPUs
