@@ -308,7 +308,9 @@ def build_dataset(
         object_store_memory=max(MIN_OBJECT_STORE_BUDGET, 8 * plan_.concurrency * plan_.batch_size * crop_bytes)
     )
     blocks = [inputs.slice(start, plan_.block_rows) for start in range(0, inputs.num_rows, plan_.block_rows)]
-    inputs_ds = ray.data.from_arrow(blocks)
+    # from_blocks keeps the blocks as cut and describes them here; from_arrow runs a remote task per
+    # block for that (62 tasks for Imagenette's 3,925 images: 1.4 s before the first actor starts).
+    inputs_ds = ray.data.from_blocks(blocks)
     if plan_.actors_decode:
         batches, actor_source = inputs_ds, source
     else:
