@@ -242,6 +242,17 @@ class Plan:
     actors_decode: bool = False
 
 
+def check_pool(batch_size: int | None, concurrency: int | None, num_gpus: float | None) -> None:
+    """What a user may ask of the actor pool: checked before the dataset is listed, and by ``plan``
+    for callers that go straight to it."""
+    if batch_size is not None and batch_size < 1:
+        raise UserError(f"batch size must be a positive integer, got {batch_size}")
+    if concurrency is not None and concurrency < 1:
+        raise UserError(f"concurrency must be a positive integer, got {concurrency}")
+    if num_gpus is not None and num_gpus < 0:
+        raise UserError(f"GPUs per actor must be ≥ 0, got {num_gpus}")
+
+
 def plan(
     total: int,
     cpus: float,
@@ -259,17 +270,12 @@ def plan(
     forever for a CPU to read the next image. CPU actors reserve the CPUs their threads use.
     ``batch_size`` None picks one for the device: large batches fill a GPU; CPUs micro-batch anyway.
     """
-    if batch_size is not None and batch_size < 1:
-        raise UserError(f"batch size must be a positive integer, got {batch_size}")
-    if concurrency is not None and concurrency < 1:
-        raise UserError(f"concurrency must be a positive integer, got {concurrency}")
+    check_pool(batch_size, concurrency, num_gpus)
     if num_gpus is None and gpus >= 1:
         num_gpus = min(1.0, gpus / concurrency) if concurrency else 1.0 / ACTORS_PER_GPU
     num_gpus = num_gpus or 0.0
     if batch_size is None:
         batch_size = GPU_BATCH_SIZE if num_gpus else CPU_BATCH_SIZE
-    if num_gpus < 0:
-        raise UserError(f"--num-gpus must be ≥ 0, got {num_gpus}")
     if num_gpus > 0 and gpus == 0:
         raise UserError(f"--num-gpus {num_gpus} asked for, but the Ray cluster has no GPU")
     if concurrency is None:

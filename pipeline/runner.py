@@ -21,7 +21,7 @@ import pyarrow.parquet as pq
 
 from . import cluster, runs
 from .errors import UserError, one_line
-from .inference import PRECISIONS, build_dataset, plan, resolve_precision
+from .inference import PRECISIONS, build_dataset, check_pool, plan, resolve_precision
 from .labels import LabelMapper, folder_of
 from .models import ModelInfo, ModelSpec, describe, ensure_weights
 from .runs import Accuracy, Counts, Manifest, RunParams, RunWriter
@@ -71,14 +71,9 @@ ProgressCallback = Callable[[Progress], None]
 
 
 def validate(request: RunRequest) -> None:
-    if request.batch_size is not None and request.batch_size < 1:
-        raise UserError(f"batch size must be a positive integer, got {request.batch_size}")
-    if request.concurrency is not None and request.concurrency < 1:
-        raise UserError(f"concurrency must be a positive integer, got {request.concurrency}")
+    check_pool(request.batch_size, request.concurrency, request.num_gpus)
     if request.limit is not None and request.limit < 1:
         raise UserError(f"limit must be a positive integer, got {request.limit}")
-    if request.num_gpus is not None and request.num_gpus < 0:
-        raise UserError(f"GPUs per actor must be ≥ 0, got {request.num_gpus}")
     if request.precision not in PRECISIONS:
         raise UserError(f"precision must be one of {', '.join(PRECISIONS)}")
     if not 1 <= request.topk <= 20:

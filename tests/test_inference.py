@@ -66,6 +66,8 @@ def test_gpus_are_shared_evenly_by_the_actors_asked_for():
     assert (plan(1000, 16, 2, None, None, 1).concurrency, plan(1000, 16, 2, None, None, 1).num_gpus) == (2, 1.0)
     with pytest.raises(UserError, match="concurrency must be a positive integer"):
         plan(1000, 16, 1, None, 0, None)
+    with pytest.raises(UserError, match="GPUs per actor must be ≥ 0"):
+        plan(1000, 16, 1, None, None, -0.5)
 
 
 def test_auto_precision_is_bf16_on_gpus_unless_the_model_answers_differently():
