@@ -35,6 +35,10 @@ CPU_BATCH_SIZE = 64  # images per batch a CPU actor receives (its forward pass u
 # other at every layer, and any other process that preempts one stalls both.
 MAX_CPU_ACTORS = 8
 REMOTE_READ_THREADS = 8  # a CPU actor reading from s3:// or gs:// waits on the network, not on its CPU
+# Blocks of paths are at most 64 rows, so that work spreads evenly and progress arrives often, until
+# there would be more than this many: the driver puts and describes each block (~1.3 ms apiece), and
+# 1,000,000 paths in 64-row blocks took 23 s before the first task, in 500-row blocks 3.8 s.
+MAX_INPUT_BLOCKS = 2000
 GPU_BATCH_SIZE = 512  # enough to keep a data-centre GPU busy; bf16 activations of resnet152 fit in a few GiB
 # Two actors share each GPU, so that one's host-side work (assembling a batch, copying it over, building
 # rows) overlaps the other's forward pass: ResNet-152 on an H200, 3,610 → 5,479 img/s steady.
@@ -286,7 +290,7 @@ def plan(
     if not num_gpus and concurrency > cpus:
         raise UserError(f"concurrency {concurrency} exceeds the cluster's {cpus:g} CPUs")
     threads = None if num_gpus else max(1, int(min(cpus // concurrency, node_cpus or cpus)))
-    block_rows = max(8, min(64, math.ceil(total / max(1.0, 2 * cpus))))
+    block_rows = max(8, min(64, math.ceil(total / max(1.0, 2 * cpus))), math.ceil(total / MAX_INPUT_BLOCKS))
     if num_gpus:
         decode_cpus = min(1.0, cpus / 2)
         return Plan(concurrency, num_gpus, threads, batch_size, block_rows, min(1.0, (cpus - decode_cpus) / concurrency), decode_cpus)

@@ -1,4 +1,5 @@
 import json
+import math
 
 import numpy as np
 import pyarrow as pa
@@ -11,6 +12,7 @@ from pipeline.inference import (
     CPU_BATCH_SIZE,
     GPU_BATCH_SIZE,
     MAX_CPU_ACTORS,
+    MAX_INPUT_BLOCKS,
     Classifier,
     Plan,
     build_dataset,
@@ -45,6 +47,14 @@ def test_cpu_actors_are_single_threaded_one_per_cpu_until_the_cap():
     assert (big.concurrency, big.threads) == (MAX_CPU_ACTORS, 4)
     few = plan(9, 2, 0, 64, None, None)  # one batch: one actor, with both CPUs
     assert (few.concurrency, few.threads) == (1, 2)
+
+
+@pytest.mark.parametrize("gpus", [0, 1])
+def test_blocks_stay_small_until_there_would_be_too_many(gpus):
+    assert plan(3925, 2, gpus, None, None, None).block_rows == 64
+    assert plan(40, 2, gpus, None, None, None).block_rows == 10  # a block per CPU twice over: both actors start at once
+    huge = plan(1_000_000, 16, gpus, None, None, None)
+    assert huge.block_rows == 500 and math.ceil(1_000_000 / huge.block_rows) <= MAX_INPUT_BLOCKS
 
 
 def test_cpu_actors_never_get_more_threads_than_a_node_has():
