@@ -331,10 +331,11 @@ def build_dataset(
                 batch_size=None,
                 batch_format="numpy",
                 num_cpus=plan_.decode_cpus,
-                # A memory estimate (encoded + decoded + crop per row) is an honest scheduling hint and, being
-                # a remote arg the actor lacks, keeps decoding in tasks of its own: Ray would otherwise fuse it
-                # into the model actor, where it could not overlap inference.
-                memory=plan_.block_rows * (crop_bytes + DECODE_BYTES_PER_IMAGE),
+                # A memory estimate (the block's crops, plus the one photo being decoded: decode_batch goes
+                # image by image here) is an honest scheduling hint that stays schedulable for big blocks and,
+                # being a remote arg the actor lacks, keeps decoding in tasks of its own: Ray would otherwise
+                # fuse it into the model actor, where it could not overlap inference.
+                memory=plan_.block_rows * crop_bytes + DECODE_BYTES_PER_IMAGE,
             ),
             None,
         )
