@@ -11,6 +11,7 @@ driver can account for every input.
 from __future__ import annotations
 
 import math
+import threading
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -89,6 +90,7 @@ class Classifier:
         self.graph_path = graphs.graph_path(info, self.micro_batch) if traced else None
         self.graph = graphs.load(self.graph_path) if traced else None
         self.graph_checked = self.graph is not None or not traced
+        self.checking = threading.Lock()
         # A kept graph is the whole network: without it torch alone is imported, not timm or torchvision.
         self.module = None if self.graph is not None else load_module(spec).to(self.device).to(memory_format=torch.channels_last)
         prep = self.preprocessing
@@ -122,13 +124,19 @@ class Classifier:
         """One micro-batch through the frozen graph, padded to the traced shape so the graph never sees another."""
         import torch
 
-        if not self.graph_checked and len(chunk) == self.micro_batch:
-            self.graph = graphs.frozen_graph(self.module, chunk)
-            self.graph_checked = True
-            if self.graph is not None:
-                graphs.keep(self.graph, self.graph_path)
-                self.module = None  # the frozen graph holds its own folded weights: do not hold two copies
-        if self.graph is None:
+        if not self.graph_checked:
+            # The dashboard shares one Classifier between sessions: until the graph is built and checked,
+            # calls take turns, so it is built once and the network is never dropped under another call.
+            with self.checking:
+                if not self.graph_checked and len(chunk) == self.micro_batch:
+                    self.graph = graphs.frozen_graph(self.module, chunk)
+                    if self.graph is not None:
+                        graphs.keep(self.graph, self.graph_path)
+                        self.module = None  # the frozen graph holds its own folded weights: do not hold two copies
+                    self.graph_checked = True
+                if self.graph is None:  # not checked yet (a short chunk), or no usable graph
+                    return self.module(chunk)
+        elif self.graph is None:
             return self.module(chunk)
         short = self.micro_batch - len(chunk)
         if short:

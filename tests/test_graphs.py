@@ -1,6 +1,8 @@
 import os
 import subprocess
 import sys
+import threading
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import replace
 
 import pytest
@@ -36,6 +38,25 @@ def test_a_kept_graph_replaces_building_the_network_and_answers_the_same(cache):
     second = fast_classifier()
     assert second.module is None and isinstance(second.graph, torch.jit.ScriptModule)
     assert torch.allclose(second.probabilities(crops), built, atol=1e-6)
+
+
+def test_concurrent_first_calls_build_the_graph_once_and_agree(cache, monkeypatch):
+    """The dashboard shares one Classifier between sessions; two previews may be its first calls."""
+    builds = []
+    build = graphs.frozen_graph
+    monkeypatch.setattr(graphs, "frozen_graph", lambda module, chunk: builds.append(chunk.shape) or build(module, chunk))
+    classifier = fast_classifier()
+    crops = sample_crops(6, classifier.preprocessing)
+    together = threading.Barrier(2)
+
+    def first_call(_):
+        together.wait()
+        return classifier.probabilities(crops)
+
+    with ThreadPoolExecutor(2) as pool:
+        one, other = pool.map(first_call, range(2))
+    assert len(builds) == 1 and classifier.module is None
+    assert torch.allclose(one, other, atol=1e-6)
 
 
 def test_a_kept_graph_spares_the_actor_timm_and_torchvision(cache):
