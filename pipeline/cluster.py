@@ -62,13 +62,6 @@ def connect(address: str | None = None) -> ClusterInfo:
     return ClusterInfo(address, float(resources.get("CPU", 0)), float(resources.get("GPU", 0)), node_cpus)
 
 
-def disconnect() -> None:
-    import ray
-
-    if ray.is_initialized():
-        ray.shutdown()
-
-
 def _check_reachable(address: str, timeout_s: float = 5.0) -> None:
     """Fail in seconds, not after Ray's minute of retries, when nothing listens at HOST:PORT."""
     host, _, port = address.removeprefix("ray://").rpartition(":")
