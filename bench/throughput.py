@@ -6,7 +6,10 @@
     graph on micro-batches, all at once), at the same batch size: the limit for (b)
 (d) a plain PyTorch DataLoader loop with the same decoding and forward pass (what Ray costs)
 
-Whole processes for (a), (b), (d): start-up included, as a user experiences it. The cache of frozen
+Whole processes for (a), (b), (d): start-up included, as a user experiences it. This VM's speed
+drifts by tens of percent within minutes, so (b), (c) and (d) run side by side in a mirrored order
+(c b d d b c for ``--pairs 2``) and each is averaged: a ratio then compares runs made at the same
+time, and a steady drift cancels. Every single measurement is printed too. The cache of frozen
 graphs starts empty; a fresh process times its way to a first prediction while building the model's
 graph (what a model's first run on a machine pays once), a second one loading it; (b) and (d) then
 load it, as every later run does. Peak RSS is the largest sum over the process tree (driver plus
@@ -160,7 +163,8 @@ def main() -> None:
     parser.add_argument("--data", default=str(SHARED) if SHARED.is_dir() else str(ROOT / "pipeline" / "sample_data" / "imagenette"))
     parser.add_argument("--models", default="resnet50,efficientnet_lite0")
     parser.add_argument("--batch-size", type=int, default=64)
-    parser.add_argument("--skip", default="", help="comma-separated variants to skip (a,b,c,d,ref)")
+    parser.add_argument("--skip", default="", help="comma-separated variants to skip (a,c,d,ref)")
+    parser.add_argument("--pairs", type=int, default=2, help="runs each of (b) and (d), side by side in mirrored order")
     parser.add_argument("--agreement-images", type=int, default=1000, help="images for the bf16-vs-fp32 check (0: skip)")
     parser.add_argument("--rss-images", default="", help="comma-separated image counts for the peak-RSS scaling check, e.g. 1000,10000")
     args = parser.parse_args()
@@ -184,34 +188,34 @@ def main() -> None:
         result["layout"] = f"{layout.concurrency} × {layout.threads} thread(s)"
         result["start_cold"] = first_prediction_s(model, env, threads=layout.threads)  # builds and keeps the graph
         result["start_kept"] = first_prediction_s(model, env, threads=layout.threads)
-        if "c" not in skip:
-            result["c"] = forward_only(model, files, args.batch_size, precision, layout.concurrency, layout.threads)
-            result["c_eager"] = eager_forward(model, files, args.batch_size)
         if "a" not in skip:
             seconds, rss, _ = measure([sys.executable, "bench/tutorial_pipeline.py", args.data, model, str(args.batch_size), "1"], env)
             result.update(a=n / seconds, a_rss=rss)
-        seconds, rss, run_dir = project_run(args, model, work, env)
-        result.update(b=n / seconds, b_rss=rss)
+        loop = [sys.executable, "bench/dataloader_loop.py", args.data, model, str(args.batch_size)]
+        loop.append("bf16" if precision == "bf16" else "fp32")
+        taken: list[tuple[str, float]] = []
+        for variant in mirrored(args.pairs, skip):
+            if variant == "c":
+                rate = forward_only(model, files, args.batch_size, precision, layout.concurrency, layout.threads)
+            elif variant == "b":
+                seconds, rss, run_dir = project_run(args, model, work, env)
+                rate = n / seconds
+                result["b_rss"], result["run_dir"] = max(rss, result.get("b_rss", 0.0)), run_dir
+            else:
+                rate = n / measure(loop, env)[0]
+            taken.append((variant, rate))
+            print(f"  {model} ({variant}) {rate:.1f} img/s", flush=True)
+        result.update({v: float(np.mean([rate for variant, rate in taken if variant == v])) for v, _ in taken})
+        result["taken"] = taken
+        if "c" not in skip:
+            result["c_eager"] = eager_forward(model, files, args.batch_size)
         if "ref" not in skip and precision != "fp32":
             reference_dir = project_run(args, model, work, env, "--precision", "fp32")[2]
-            result["agreement"] = agreement(run_dir, reference_dir)
+            result["agreement"] = agreement(result["run_dir"], reference_dir)
         else:
             result["agreement"] = 1.0
         if args.agreement_images:
             result["bf16_agree"], result["c_bf16"] = bf16_fast_path(model, files, args.batch_size, args.agreement_images)
-        if "d" not in skip:
-            seconds, rss, _ = measure(
-                [
-                    sys.executable,
-                    "bench/dataloader_loop.py",
-                    args.data,
-                    model,
-                    str(args.batch_size),
-                    "bf16" if precision == "bf16" else "fp32",
-                ],
-                env,
-            )
-            result.update(d=n / seconds, d_rss=rss)
         rows.append(result)
         print(format_row(result), flush=True)
     if args.rss_images:
@@ -219,6 +223,9 @@ def main() -> None:
     print("\nmodel               a img/s  b img/s  c img/s  d img/s   b/a   b/c   b/d  agree  peak RSS b (GiB)")
     for result in rows:
         print(format_row(result))
+    for result in rows:
+        taken = ", ".join(f"({variant}) {rate:.1f}" for variant, rate in result["taken"])
+        print(f"{result['model']}: each measurement in the order taken, img/s: {taken}")
     for result in rows:
         if "c_eager" in result:
             print(
@@ -239,6 +246,14 @@ def main() -> None:
                 f"{result['model']}: bf16 forward {result['c_bf16']:.1f} img/s; its top-1 equals fp32's on "
                 f"{result['bf16_agree']:.2%} of {min(args.agreement_images, len(files))} images ({verdict})"
             )
+
+
+def mirrored(pairs: int, skip: set[str]) -> list[str]:
+    """The order of the side-by-side measurements: (c) first and last, (b) and (d) alternating in
+    mirrored pairs (c b d d b c), so that a drift that is steady over the block weighs on each alike."""
+    middle = [variant for i in range(pairs) for variant in (("b", "d") if i % 2 == 0 else ("d", "b")) if variant not in skip]
+    ends = [] if "c" in skip else ["c"]
+    return ends + middle + ends
 
 
 def rss_scaling(args, files: list[str], work: Path, env: dict) -> None:
