@@ -113,16 +113,14 @@ def concat(first: Predictions, second: Predictions) -> Predictions:
     """The rows of two whole loads, in order, their codes moved onto the union of their classes: how a
     live run's new parts join the rows already read, without reading those again."""
     classes = np.array(sorted(set(first.classes) | set(second.classes)), dtype=object)
-
-    def recode(p: Predictions, codes: np.ndarray) -> np.ndarray:
-        lookup = np.append(np.searchsorted(classes, p.classes), NO_CLASS).astype(np.int32)
-        return lookup[codes]  # NO_CLASS (-1) picks the appended NO_CLASS
+    # Old code → new code for each side; NO_CLASS (-1) picks the NO_CLASS appended last.
+    first_lookup, second_lookup = (np.append(np.searchsorted(classes, p.classes), NO_CLASS).astype(np.int32) for p in (first, second))
 
     def both(name: str, codes: bool = False) -> np.ndarray | None:
         a, b = getattr(first, name), getattr(second, name)
         if a is None:
             return None
-        return np.concatenate([recode(first, a), recode(second, b)] if codes else [a, b])
+        return np.concatenate([first_lookup[a], second_lookup[b]] if codes else [a, b])
 
     return Predictions(
         classes=classes,
