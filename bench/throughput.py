@@ -168,6 +168,8 @@ def main() -> None:
     parser.add_argument("--agreement-images", type=int, default=1000, help="images for the bf16-vs-fp32 check (0: skip)")
     parser.add_argument("--rss-images", default="", help="comma-separated image counts for the peak-RSS scaling check, e.g. 1000,10000")
     args = parser.parse_args()
+    if args.pairs < 1:
+        parser.error("--pairs must be at least 1: (b) is what the benchmark measures")
     skip = set(filter(None, args.skip.split(",")))
     files = list_images(open_source(args.data)).files
     work = Path(tempfile.mkdtemp(prefix="bench-"))
