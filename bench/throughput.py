@@ -16,7 +16,7 @@ load it, as every later run does. Peak RSS is the largest sum over the process t
 Ray's workers). Ratios are what to compare across machines. ``--rss-images 1000,10000`` also runs
 (b) on the folder repeated (symlinks) to each count and prints the peak RSS of each. Usage:
 
-    python bench/throughput.py [--data DIR] [--models resnet50,efficientnet_lite0] [--batch-size 64]
+    python bench/throughput.py [--data DIR] [--models resnet50,efficientnet_lite0] [--batch-size 64] [--pairs 2]
 """
 
 from __future__ import annotations
