@@ -24,7 +24,9 @@ def free_port() -> int:
 
 def run_cli(*args: str, env: dict | None = None, timeout: float = 600, cwd: Path | None = None) -> subprocess.CompletedProcess:
     """``python -m pipeline ARGS`` in a fresh process, as a user would type it."""
-    full_env = {**os.environ, "PYTHONPATH": str(ROOT), **(env or {})}
+    # ROOT first, keeping whatever the caller's PYTHONPATH adds (packages installed with --target, say).
+    python_path = os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))
+    full_env = {**os.environ, "PYTHONPATH": python_path, **(env or {})}
     return subprocess.run(
         [sys.executable, "-m", "pipeline", *args], capture_output=True, text=True, timeout=timeout, env=full_env, cwd=cwd or ROOT
     )
