@@ -14,6 +14,7 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TypeVar
 
 import pyarrow as pa
 import pyarrow.compute as pc
@@ -25,7 +26,7 @@ from .inference import PRECISIONS, build_dataset, check_pool, plan, resolve_prec
 from .labels import LabelMapper, folder_of
 from .models import ModelInfo, ModelSpec, describe, ensure_weights
 from .runs import Accuracy, Counts, Manifest, RunParams, RunWriter
-from .sources import SAMPLE_DATA, Listing, Source, list_images, open_source, redact_uri
+from .sources import SAMPLE_DATA, Listing, Source, list_images, open_source, redact_uri, require_exists
 
 MAX_LABEL_SET = 100  # classes whose scores every row stores for label-set-restricted evaluation
 
@@ -68,6 +69,7 @@ class Progress:
 
 
 ProgressCallback = Callable[[Progress], None]
+T = TypeVar("T")
 
 
 def validate(request: RunRequest) -> None:
@@ -120,26 +122,38 @@ class Checked:
     out: Path
 
 
-def check(request: RunRequest) -> Checked:
-    """Everything about a request that can be wrong, checked before any run folder exists."""
+def preflight(request: RunRequest) -> tuple[ModelInfo, Source, Path]:
+    """The checks that need no listing (request, model and weights, dataset root, output folder): quick,
+    so that a typo is reported before Ray starts."""
     validate(request)
     info = describe(request.model)
     source = open_source(request.data, request.s3_endpoint)
-    listing = list_images(source)
+    require_exists(source)
     ensure_weights(info)
     out = Path(request.out).expanduser().resolve()
     _check_writable(out)
-    return Checked(info, source, listing, out)
+    return info, source, out
+
+
+def check(request: RunRequest) -> Checked:
+    """Everything about a request that can be wrong, checked before any run folder exists."""
+    info, source, out = preflight(request)
+    return Checked(info, source, list_images(source), out)
 
 
 def start(request: RunRequest) -> tuple[Path, Source]:
-    """Check the request, list the inputs, and create the run folder in state ``running``."""
-    checked = check(request)
-    info, source, listing, out = checked.info, checked.source, checked.listing, checked.out
-    if request.limit is not None:
-        listing.files = listing.sample(request.limit)
+    """Check the request, list and label the inputs while Ray starts, and create the run folder in
+    state ``running``.
+
+    ray.init waits seconds on the processes it starts (8 s on a 16-CPU GPU machine), and listing a
+    big folder or bucket takes seconds too (200,000 local files: 3 s on 2 cores), so they overlap.
+    Ray must start on the main thread: its processes die with the thread that started them.
+    """
+    info, source, out = preflight(request)
+    inputs_ready = in_background(lambda: _labelled_inputs(source, request.limit, info.categories))
     resources = cluster.connect(request.address)
-    plan(len(listing.files), resources.cpus, resources.gpus, request.batch_size, request.concurrency, request.num_gpus, resources.node_cpus)
+    skipped, inputs = inputs_ready()
+    plan(inputs.num_rows, resources.cpus, resources.gpus, request.batch_size, request.concurrency, request.num_gpus, resources.node_cpus)
     run_id = request.run_id or runs.new_run_id(request.model.display_name)
     path = runs.run_dir(out, run_id)
     if path.exists():
@@ -159,14 +173,44 @@ def start(request: RunRequest) -> tuple[Path, Source]:
             request.topk,
             request.precision,
         ),
-        counts=Counts(inputs=len(listing.files), skipped=listing.skipped),
+        counts=Counts(inputs=inputs.num_rows, skipped=skipped),
     )
-    inputs = label_inputs(listing, info.categories)
     manifest.label_set = label_set(inputs, info.categories)
     manifest.claim()
     runs.atomic_write_table(path / runs.INPUTS, inputs)
     runs.write_manifest(path, manifest)
     return path, source
+
+
+def _labelled_inputs(source: Source, limit: int | None, categories: Sequence[str]) -> tuple[int, pa.Table]:
+    """How many files were skipped, and (path, ground_truth) for every image, or ``limit``'s sample."""
+    listing = list_images(source)
+    if limit is not None:
+        listing.files = listing.sample(limit)
+    return listing.skipped, label_inputs(listing, categories)
+
+
+def in_background(work: Callable[[], T]) -> Callable[[], T]:
+    """Start ``work`` on a daemon thread (it never holds up the exit of a run that failed meanwhile);
+    the function returned waits for its result, or raises its error."""
+    outcome: dict[str, object] = {}
+
+    def run() -> None:
+        try:
+            outcome["value"] = work()
+        except BaseException as error:
+            outcome["error"] = error
+
+    thread = threading.Thread(target=run, name="background", daemon=True)
+    thread.start()
+
+    def result() -> T:
+        thread.join()
+        if "error" in outcome:
+            raise outcome["error"]
+        return outcome["value"]
+
+    return result
 
 
 class StopFlag:

@@ -152,14 +152,20 @@ def is_image(path: str) -> bool:
     return os.path.splitext(path)[1].lower() in IMAGE_EXTENSIONS
 
 
-def list_images(source: Source) -> Listing:
-    """Recursively list a source; non-images are counted as skipped; errors become UserErrors."""
+def require_exists(source: Source) -> pafs.FileInfo:
+    """The dataset root's info: a root that is missing or cannot be read is a UserError."""
     try:
         info = source.filesystem.get_file_info(source.root)
     except OSError as error:
         raise UserError(f"cannot read {source.uri}: {one_line(error)}") from error
     if info.type == pafs.FileType.NotFound:
         raise UserError(f"dataset not found: {source.uri}")
+    return info
+
+
+def list_images(source: Source) -> Listing:
+    """Recursively list a source; non-images are counted as skipped; errors become UserErrors."""
+    info = require_exists(source)
     if info.type == pafs.FileType.File:
         if not is_image(source.root):
             raise UserError(f"{source.uri} is a file but not an image; pass a folder")

@@ -11,7 +11,7 @@ import pytest
 from pipeline import runs
 from pipeline.errors import UserError
 from pipeline.models import ModelSpec
-from pipeline.runner import RunRequest, execute, resume, run, start
+from pipeline.runner import RunRequest, execute, in_background, resume, run, start
 
 from .conftest import ROOT
 
@@ -115,6 +115,25 @@ def test_bad_requests_fail_before_a_run_folder_exists(tmp_path, request_, messag
     with pytest.raises(UserError, match=message):
         start(RunRequest(out=str(tmp_path / "runs"), **request_))
     assert not (tmp_path / "runs").exists() or not any((tmp_path / "runs").iterdir())
+
+
+def test_a_folder_without_images_fails_before_a_run_folder_exists(tmp_path):
+    # Listed while Ray starts: the listing's error still reaches the caller, and no run folder is made.
+    (tmp_path / "data").mkdir()
+    (tmp_path / "data" / "notes.txt").write_text("not an image")
+    with pytest.raises(UserError, match="no images"):
+        start(RunRequest(data=str(tmp_path / "data"), out=str(tmp_path / "runs")))
+    assert not any((tmp_path / "runs").iterdir())
+
+
+def test_background_work_hands_back_its_result_or_its_error():
+    assert in_background(lambda: 42)() == 42
+
+    def fails():
+        raise UserError("listing failed")
+
+    with pytest.raises(UserError, match="listing failed"):
+        in_background(fails)()
 
 
 def test_run_ids_cannot_escape_the_runs_folder(tmp_path):
