@@ -121,17 +121,18 @@ def project_run(data: Path, model: str, work: Path, env: dict, run_id: str, *ext
 
     command = [sys.executable, "-m", "pipeline", "run", "--data", str(data), "--model", model, "--out", str(work / "runs")]
     began = time.perf_counter()
-    seconds, rss, _ = measure([*command, "--run-id", run_id, *extra], env, tick)
+    measured = measure([*command, "--run-id", run_id, *extra], env, tick, track_pss=True)
     manifest = json.loads(manifest_path.read_text())
     done = manifest["counts"]["predicted"]
     steady = (ticks[-1][1] - ticks[0][1]) / (ticks[-1][0] - ticks[0][0]) if len(ticks) > 2 else float("nan")
     return {
-        "whole": done / seconds,
+        "whole": done / measured.seconds,
         "steady": steady,
         "after_connect": manifest.get("images_per_s") or float("nan"),
         "first_predictions_s": ticks[0][0] - began if ticks else float("nan"),
-        "seconds": seconds,
-        "rss": rss,
+        "seconds": measured.seconds,
+        "rss": measured.rss,
+        "pss": measured.pss,
         "failed": manifest["counts"]["failed"],
         "device": manifest.get("device", ""),
     }
@@ -193,20 +194,22 @@ def main() -> None:
             print(
                 f"({name}) {result['device']}: whole process {result['whole']:.0f} img/s ({result['seconds']:.1f} s), "
                 f"steady {result['steady']:.0f} img/s, {result['after_connect']:.0f} img/s after connecting; first predictions "
-                f"after {result['first_predictions_s']:.1f} s; {result['failed']} failed; peak RSS {result['rss']:.1f} GiB",
+                f"after {result['first_predictions_s']:.1f} s; {result['failed']} failed; peak summed RSS {result['rss']:.1f} GiB, "
+                f"PSS {result['pss']:.1f} GiB",
                 flush=True,
             )
     if "d" not in skip:
-        seconds, rss, _ = measure(
+        loop = measure(
             [sys.executable, "bench/dataloader_loop.py", str(data), args.model, str(GPU_BATCH_SIZE), "auto", "cuda", str(cpus - 1)], env
         )
-        r["d"] = args.images / seconds
-        print(f"(d) DataLoader loop, {cpus - 1} workers: {r['d']:.0f} img/s ({seconds:.1f} s), peak RSS {rss:.1f} GiB", flush=True)
+        r["d"] = args.images / loop.seconds
+        rate = f"{r['d']:.0f} img/s ({loop.seconds:.1f} s)"
+        print(f"(d) DataLoader loop, {cpus - 1} workers: {rate}, peak RSS {loop.rss:.1f} GiB", flush=True)
     if "a" not in skip:
         command = [sys.executable, "bench/tutorial_pipeline.py", str(data), args.model, str(TUTORIAL_BATCH_SIZE), "1"]
-        seconds, rss, _ = measure(command, env)
-        r["a"] = args.images / seconds
-        print(f"(a) tutorial pipeline: {r['a']:.0f} img/s ({seconds:.1f} s), peak RSS {rss:.1f} GiB", flush=True)
+        tutorial = measure(command, env)
+        r["a"] = args.images / tutorial.seconds
+        print(f"(a) tutorial pipeline: {r['a']:.0f} img/s ({tutorial.seconds:.1f} s), peak RSS {tutorial.rss:.1f} GiB", flush=True)
     pairs = (("b", "a"), ("b", "c"), ("b", "d"), ("b_steady", "c"), ("b_steady", "b2_steady"), ("b_steady", "b3_steady"))
     print("ratios: " + ", ".join(f"{top}/{bottom} {r[top] / r[bottom]:.2f}" for top, bottom in pairs if top in r and bottom in r))
 

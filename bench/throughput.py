@@ -14,7 +14,8 @@ graphs starts empty; a fresh process times its way to a first prediction while b
 graph (what a model's first run on a machine pays once), a second one loading it; (b) and (d) then
 load it, as every later run does. Peak RSS is the largest sum over the process tree (driver plus
 Ray's workers). Ratios are what to compare across machines. ``--rss-images 1000,10000`` also runs
-(b) on the folder repeated (symlinks) to each count and prints the peak RSS of each. Usage:
+(b) on the folder repeated (symlinks) to each count and prints the peak of each, as summed RSS and as
+summed PSS (shared pages counted once). Usage:
 
     python bench/throughput.py [--data DIR] [--models resnet50,efficientnet_lite0] [--batch-size 64] [--pairs 2]
 """
@@ -22,12 +23,14 @@ Ray's workers). Ratios are what to compare across machines. ``--rss-images 1000,
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 import psutil
@@ -44,25 +47,40 @@ from pipeline.preprocess import decode  # noqa: E402
 from pipeline.sources import list_images, open_source  # noqa: E402
 
 
-def measure(command: list[str], env: dict, on_tick=None) -> tuple[float, float, str]:
-    """Wall seconds, peak RSS of the whole process tree (GiB), stdout; ``on_tick`` is called every 0.2 s."""
+class Measured(NamedTuple):
+    seconds: float
+    rss: float  # peak of the process tree's summed RSS, GiB: shared pages count once per process mapping them
+    out: str
+    pss: float = math.nan  # peak of its summed PSS, GiB (each shared page counted once), when tracked
+
+
+def measure(command: list[str], env: dict, on_tick=None, track_pss: bool = False) -> Measured:
+    """Wall seconds, peak memory of the whole process tree, stdout; ``on_tick`` is called every 0.2 s.
+
+    PSS needs the kernel to walk every process's pages, so it is read once a second and only when
+    asked for (a run whose workers share object-store pages: their RSS counts those pages again).
+    """
     began = time.perf_counter()
     process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, env=env, cwd=ROOT)
     root = psutil.Process(process.pid)
-    peak = 0
+    peak_rss = peak_pss = 0
+    ticks = 0
     while process.poll() is None:
         try:
-            tree = [root, *root.children(recursive=True)]
-            peak = max(peak, sum(p.memory_info().rss for p in tree if p.is_running()))
+            tree = [p for p in (root, *root.children(recursive=True)) if p.is_running()]
+            peak_rss = max(peak_rss, sum(p.memory_info().rss for p in tree))
+            if track_pss and ticks % 5 == 0:
+                peak_pss = max(peak_pss, sum(p.memory_full_info().pss for p in tree))
         except psutil.Error:
             pass
         if on_tick:
             on_tick()
+        ticks += 1
         time.sleep(0.2)
     out = process.stdout.read()
     if process.returncode != 0:
         raise SystemExit(f"{command[:4]} failed with exit {process.returncode}")
-    return time.perf_counter() - began, peak / 2**30, out
+    return Measured(time.perf_counter() - began, peak_rss / 2**30, out, peak_pss / 2**30 if track_pss else math.nan)
 
 
 def ensure_weights(model: str, torch_home: Path) -> bool:
@@ -151,11 +169,11 @@ def agreement(run_dir: Path, reference_dir: Path) -> float:
     return float(np.mean([ours[p] == reference[p] for p in reference]))
 
 
-def project_run(args, model: str, work: Path, env: dict, *extra: str) -> tuple[float, float, Path]:
-    """(b): ``python -m pipeline run`` as a user types it; returns seconds, peak RSS and the run folder."""
+def project_run(args, model: str, work: Path, env: dict, *extra: str, track_pss: bool = False) -> tuple[Measured, Path]:
+    """(b): ``python -m pipeline run`` as a user types it; returns its measurements and the run folder."""
     command = [sys.executable, "-m", "pipeline", "run", "--data", args.data, "--model", model, "--out", str(work / "runs")]
-    seconds, rss, out = measure([*command, "--batch-size", str(args.batch_size), *extra], env)
-    return seconds, rss, Path(out.strip().splitlines()[-1])
+    measured = measure([*command, "--batch-size", str(args.batch_size), *extra], env, track_pss=track_pss)
+    return measured, Path(measured.out.strip().splitlines()[-1])
 
 
 def main() -> None:
@@ -191,8 +209,8 @@ def main() -> None:
         result["start_cold"] = first_prediction_s(model, env, threads=layout.threads)  # builds and keeps the graph
         result["start_kept"] = first_prediction_s(model, env, threads=layout.threads)
         if "a" not in skip:
-            seconds, rss, _ = measure([sys.executable, "bench/tutorial_pipeline.py", args.data, model, str(args.batch_size), "1"], env)
-            result.update(a=n / seconds, a_rss=rss)
+            tutorial = measure([sys.executable, "bench/tutorial_pipeline.py", args.data, model, str(args.batch_size), "1"], env)
+            result.update(a=n / tutorial.seconds, a_rss=tutorial.rss)
         loop = [sys.executable, "bench/dataloader_loop.py", args.data, model, str(args.batch_size)]
         loop.append("bf16" if precision == "bf16" else "fp32")
         taken: list[tuple[str, float]] = []
@@ -200,9 +218,9 @@ def main() -> None:
             if variant == "c":
                 rate = forward_only(model, files, args.batch_size, precision, layout.concurrency, layout.threads)
             elif variant == "b":
-                seconds, rss, run_dir = project_run(args, model, work, env)
-                rate = n / seconds
-                result["b_rss"], result["run_dir"] = max(rss, result.get("b_rss", 0.0)), run_dir
+                measured, run_dir = project_run(args, model, work, env)
+                rate = n / measured.seconds
+                result["b_rss"], result["run_dir"] = max(measured.rss, result.get("b_rss", 0.0)), run_dir
             else:
                 rate = n / measure(loop, env)[0]
             taken.append((variant, rate))
@@ -212,7 +230,7 @@ def main() -> None:
         if "c" not in skip:
             result["c_eager"] = eager_forward(model, files, args.batch_size)
         if "ref" not in skip and precision != "fp32":
-            reference_dir = project_run(args, model, work, env, "--precision", "fp32")[2]
+            reference_dir = project_run(args, model, work, env, "--precision", "fp32")[1]
             result["agreement"] = agreement(result["run_dir"], reference_dir)
         else:
             result["agreement"] = 1.0
@@ -263,8 +281,12 @@ def rss_scaling(args, files: list[str], work: Path, env: dict) -> None:
     model = args.models.split(",")[-1]
     for count in (int(c) for c in args.rss_images.split(",")):
         folder = repeat_folder(files, count, work / f"repeat-{count}")
-        seconds, rss, _ = project_run(argparse.Namespace(**{**vars(args), "data": str(folder)}), model, work, env)
-        print(f"{model} on {count} images: {count / seconds:.1f} img/s, peak RSS of the whole run {rss:.2f} GiB", flush=True)
+        measured, _ = project_run(argparse.Namespace(**{**vars(args), "data": str(folder)}), model, work, env, track_pss=True)
+        print(
+            f"{model} on {count} images: {count / measured.seconds:.1f} img/s, peak of the whole run {measured.rss:.2f} GiB "
+            f"summed RSS, {measured.pss:.2f} GiB summed PSS",
+            flush=True,
+        )
 
 
 def repeat_folder(files: list[str], count: int, folder: Path) -> Path:
