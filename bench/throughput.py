@@ -222,7 +222,7 @@ def main() -> None:
                 rate = n / measured.seconds
                 result["b_rss"], result["run_dir"] = max(measured.rss, result.get("b_rss", 0.0)), run_dir
             else:
-                rate = n / measure(loop, env)[0]
+                rate = n / measure(loop, env).seconds
             taken.append((variant, rate))
             print(f"  {model} ({variant}) {rate:.1f} img/s", flush=True)
         result.update({v: float(np.mean([rate for variant, rate in taken if variant == v])) for v, _ in taken})
