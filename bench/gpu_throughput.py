@@ -182,9 +182,7 @@ def main() -> None:
             flush=True,
         )
     if "start" not in skip:
-        began = time.perf_counter()
-        measure([sys.executable, "-c", "import ray; ray.init(include_dashboard=False)"], env)
-        ray_init = time.perf_counter() - began
+        ray_init = measure([sys.executable, "-c", "import ray; ray.init(include_dashboard=False)"], env).seconds
         first = first_prediction_s(args.model, env, "cuda")
         print(f"start-up: a fresh process through ray.init {ray_init:.1f} s; to a first GPU prediction {first:.1f} s", flush=True)
     for name, extra in (("b", ()), ("b2", ("--num-gpus", "1")), ("b3", ("--concurrency", "3"))):
