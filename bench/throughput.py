@@ -169,10 +169,10 @@ def agreement(run_dir: Path, reference_dir: Path) -> float:
     return float(np.mean([ours[p] == reference[p] for p in reference]))
 
 
-def project_run(args, model: str, work: Path, env: dict, *extra: str, track_pss: bool = False) -> tuple[Measured, Path]:
+def project_run(data: str, model: str, work: Path, env: dict, *extra: str, on_tick=None, track_pss: bool = False) -> tuple[Measured, Path]:
     """(b): ``python -m pipeline run`` as a user types it; returns its measurements and the run folder."""
-    command = [sys.executable, "-m", "pipeline", "run", "--data", args.data, "--model", model, "--out", str(work / "runs")]
-    measured = measure([*command, "--batch-size", str(args.batch_size), *extra], env, track_pss=track_pss)
+    command = [sys.executable, "-m", "pipeline", "run", "--data", data, "--model", model, "--out", str(work / "runs"), *extra]
+    measured = measure(command, env, on_tick, track_pss=track_pss)
     return measured, Path(measured.out.strip().splitlines()[-1])
 
 
@@ -213,12 +213,13 @@ def main() -> None:
             result.update(a=n / tutorial.seconds, a_rss=tutorial.rss)
         loop = [sys.executable, "bench/dataloader_loop.py", args.data, model, str(args.batch_size)]
         loop.append("bf16" if precision == "bf16" else "fp32")
+        batch = ("--batch-size", str(args.batch_size))
         taken: list[tuple[str, float]] = []
         for variant in mirrored(args.pairs, skip):
             if variant == "c":
                 rate = forward_only(model, files, args.batch_size, precision, layout.concurrency, layout.threads)
             elif variant == "b":
-                measured, run_dir = project_run(args, model, work, env)
+                measured, run_dir = project_run(args.data, model, work, env, *batch)
                 rate = n / measured.seconds
                 result["b_rss"], result["run_dir"] = max(measured.rss, result.get("b_rss", 0.0)), run_dir
             else:
@@ -230,7 +231,7 @@ def main() -> None:
         if "c" not in skip:
             result["c_eager"] = eager_forward(model, files, args.batch_size)
         if "ref" not in skip and precision != "fp32":
-            reference_dir = project_run(args, model, work, env, "--precision", "fp32")[1]
+            reference_dir = project_run(args.data, model, work, env, *batch, "--precision", "fp32")[1]
             result["agreement"] = agreement(result["run_dir"], reference_dir)
         else:
             result["agreement"] = 1.0
@@ -281,7 +282,7 @@ def rss_scaling(args, files: list[str], work: Path, env: dict) -> None:
     model = args.models.split(",")[-1]
     for count in (int(c) for c in args.rss_images.split(",")):
         folder = repeat_folder(files, count, work / f"repeat-{count}")
-        measured, _ = project_run(argparse.Namespace(**{**vars(args), "data": str(folder)}), model, work, env, track_pss=True)
+        measured, _ = project_run(str(folder), model, work, env, "--batch-size", str(args.batch_size), track_pss=True)
         print(
             f"{model} on {count} images: {count / measured.seconds:.1f} img/s, peak of the whole run {measured.rss:.2f} GiB "
             f"summed RSS, {measured.pss:.2f} GiB summed PSS",
