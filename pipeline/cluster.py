@@ -62,6 +62,17 @@ def connect(address: str | None = None) -> ClusterInfo:
     return ClusterInfo(address, float(resources.get("CPU", 0)), float(resources.get("GPU", 0)), node_cpus)
 
 
+def release() -> None:
+    """Stop the local Ray this process started, or leave the cluster it joined, if it did either.
+
+    Called before a CLI process exits: Ray's own exit hook would first sleep half a second so that
+    forwarded worker logs get printed, and ours are not forwarded (``log_to_driver=False``).
+    """
+    ray = sys.modules.get("ray")
+    if ray is not None and ray.is_initialized():
+        ray.shutdown()
+
+
 def _check_reachable(address: str, timeout_s: float = 5.0) -> None:
     """Fail in seconds, not after Ray's minute of retries, when nothing listens at HOST:PORT."""
     host, _, port = address.removeprefix("ray://").rpartition(":")
