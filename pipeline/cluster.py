@@ -70,7 +70,10 @@ def release() -> None:
     """
     ray = sys.modules.get("ray")
     if ray is not None and ray.is_initialized():
-        ray.shutdown()
+        try:
+            ray.shutdown()
+        except Exception as error:  # the run is written; say what failed in one line, as everywhere
+            print(f"warning: stopping Ray: {one_line(error)}", file=sys.stderr)
 
 
 def _check_reachable(address: str, timeout_s: float = 5.0) -> None:
