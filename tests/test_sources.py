@@ -66,3 +66,19 @@ def test_keys_in_a_uri_move_to_environment_variables():
 def test_unsupported_scheme():
     with pytest.raises(UserError, match="unsupported"):
         open_source("ftp://host/images")
+
+
+def test_local_listing_follows_linked_folders_but_not_link_loops(tmp_path):
+    (tmp_path / "data" / "cats").mkdir(parents=True)
+    (tmp_path / "elsewhere" / "dogs").mkdir(parents=True)
+    (tmp_path / "data" / "cats" / "a.jpg").write_bytes(b"x")
+    (tmp_path / "elsewhere" / "dogs" / "b.jpg").write_bytes(b"x")
+    (tmp_path / "data" / "dogs").symlink_to(tmp_path / "elsewhere" / "dogs")
+    (tmp_path / "data" / "cats" / "loop").symlink_to(tmp_path / "data")
+    (tmp_path / "data" / "cats" / "gone.jpg").symlink_to(tmp_path / "missing.jpg")
+    (tmp_path / "data" / ".cache" / "c").mkdir(parents=True)
+    (tmp_path / "data" / ".cache" / "c" / "thumb.jpg").write_bytes(b"x")
+    listing = list_images(open_source(str(tmp_path / "data")))
+    root = str((tmp_path / "data").resolve())
+    assert listing.files == [f"{root}/cats/a.jpg", f"{root}/dogs/b.jpg"]
+    assert listing.skipped == 1  # the thumbnail in the hidden folder; a dangling link is no file at all
