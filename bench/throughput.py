@@ -14,7 +14,7 @@ graphs starts empty; a fresh process times its way to a first prediction while b
 graph (what a model's first run on a machine pays once), a second one loading it; (b) and (d) then
 load it, as every later run does. Peak RSS is the largest sum over the process tree (driver plus
 Ray's workers). Ratios are what to compare across machines. ``--rss-images 1000,10000`` also runs
-(b) on the folder repeated (symlinks) to each count and prints the peak of each, as summed RSS and as
+(b) on the folder repeated (hard links) to each count and prints the peak of each, as summed RSS and as
 summed PSS (shared pages counted once). Usage:
 
     python bench/throughput.py [--data DIR] [--models resnet50,efficientnet_lite0] [--batch-size 64] [--pairs 2]
@@ -29,6 +29,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import NamedTuple
 
@@ -291,12 +292,26 @@ def rss_scaling(args, files: list[str], work: Path, env: dict) -> None:
 
 
 def repeat_folder(files: list[str], count: int, folder: Path) -> Path:
-    """``count`` images in class folders, the originals repeated as often as needed (symlinks)."""
+    """``count`` images in class folders, the originals repeated as often as needed: hard links, so
+    that the copies are plain files as in a real dataset (symbolic links where the originals are on
+    another filesystem). One thread per class folder: a million links take minutes one by one."""
+    originals = [Path(f).resolve() for f in files]
+    by_class: dict[Path, list[tuple[int, Path]]] = {}
     for i in range(count):
-        original = Path(files[i % len(files)]).resolve()
-        link = folder / original.parent.name / f"{i:06d}-{original.name}"
-        link.parent.mkdir(parents=True, exist_ok=True)
-        link.symlink_to(original)
+        original = originals[i % len(originals)]
+        by_class.setdefault(folder / original.parent.name, []).append((i, original))
+
+    def link(parent: Path) -> None:
+        parent.mkdir(parents=True, exist_ok=True)
+        for i, original in by_class[parent]:
+            target = parent / f"{i:07d}-{original.name}"
+            try:
+                os.link(original, target)
+            except OSError:
+                os.symlink(original, target)
+
+    with ThreadPoolExecutor(min(len(by_class), 16) or 1) as pool:
+        list(pool.map(link, by_class))
     return folder
 
 
