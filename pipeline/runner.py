@@ -88,15 +88,16 @@ def label_inputs(listing: Listing, categories) -> pa.Table:
     once per folder (a million inputs live in a few thousand folders)."""
     mapper = LabelMapper(categories)
     source = listing.source
-    fs_paths = pa.array(listing.files, pa.string())
-    folders = pc.replace_substring_regex(fs_paths, pattern="/[^/]*$", replacement="").dictionary_encode()
-    _, first_file = np.unique(folders.indices.to_numpy(), return_index=True)
+    fs_paths = pa.array(listing.files, pa.string())  # chunked past 2 GiB of paths
+    folders = pc.replace_substring_regex(fs_paths, pattern="/[^/]*$", replacement="")
+    folder_ids = pc.index_in(folders, value_set=pc.unique(folders)).to_numpy()
+    _, first_file = np.unique(folder_ids, return_index=True)
     truths = []
     for index in first_file:
         folder = folder_of(source.relative(listing.files[index]))
         truths.append(mapper(folder) if folder else None)
     paths = fs_paths if source.scheme == "file" else pc.binary_join_element_wise(f"{source.scheme}://", fs_paths, "")
-    return pa.table({"path": paths, "ground_truth": pa.array(truths, pa.string()).take(folders.indices)})
+    return pa.table({"path": paths, "ground_truth": pa.array(truths, pa.string()).take(folder_ids)})
 
 
 def label_set(inputs: pa.Table, categories: Sequence[str]) -> list[str] | None:
@@ -151,7 +152,8 @@ def start(request: RunRequest) -> tuple[Path, Source]:
     state ``running``.
 
     ray.init waits seconds on the processes it starts (8 s on a 16-CPU GPU machine), and listing a
-    big bucket takes seconds too (a local folder of 600,000 files: 2–2.4 s on 2 cores, labels included), so they overlap.
+    big bucket takes seconds too (a local folder of 600,000 files: 2–2.4 s on 2 cores, labels
+    included), so they overlap.
     Ray must start on the main thread: its processes die with the thread that started them.
     """
     info, source, out = preflight(request)

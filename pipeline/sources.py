@@ -191,8 +191,8 @@ def _list_local(root: str) -> tuple[list[str], int]:
     """The images under a local folder, and how many other files it holds.
 
     ``os.scandir`` reads whether an entry is a file or a folder from the folder itself, where
-    pyarrow's listing stats every file: 200,000 files list in 0.2 s instead of 1.3 s. Linked folders
-    are followed, except into a folder the walk is already inside (a link loop).
+    pyarrow's listing stats every file: 200,000 plain files are walked in 0.2 s instead of 0.9-1.4 s.
+    Linked folders are followed, except into a folder the walk is already inside (a link loop).
     """
     images: list[str] = []
     others = 0

@@ -5,13 +5,15 @@ import os
 import subprocess
 import sys
 
+import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 import pytest
 
 from pipeline import runs
 from pipeline.errors import UserError
 from pipeline.models import ModelSpec
-from pipeline.runner import RunRequest, execute, in_background, resume, run, start
+from pipeline.runner import RunRequest, execute, in_background, label_inputs, resume, run, start
+from pipeline.sources import Listing, Source
 
 from .conftest import ROOT
 
@@ -170,3 +172,15 @@ def test_torchvision_model_run_through_ray(torch_home, small_folder, tmp_path, m
 def test_package_has_no_streamlit_import():
     for module in (ROOT / "pipeline").glob("*.py"):
         assert "streamlit" not in module.read_text(), module
+
+
+@pytest.mark.parametrize("scheme", ["file", "s3"])
+def test_inputs_are_labelled_by_their_folder_and_keep_their_order(scheme):
+    root = "/data" if scheme == "file" else "bucket/data"
+    names = ["n01440764/a.jpg", "loose.jpg", "n01440764/sub/b.jpg", "tench/c.jpg", "n01440764/d.jpg", "mystery/e.jpg"]
+    files = [f"{root}/{name}" for name in names]
+    listing = Listing(Source(f"{scheme}://{root}", pafs.LocalFileSystem(), root, scheme), files, 0)
+    inputs = label_inputs(listing, ["tench", "goldfish"])
+    prefix = "" if scheme == "file" else "s3://"
+    assert inputs.column("path").to_pylist() == [prefix + f for f in files]
+    assert inputs.column("ground_truth").to_pylist() == ["tench", None, "sub", "tench", "tench", "mystery"]
