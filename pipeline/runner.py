@@ -152,7 +152,7 @@ def start(request: RunRequest) -> tuple[Path, Source]:
     state ``running``.
 
     ray.init waits seconds on the processes it starts (8 s on a 16-CPU GPU machine), and listing a
-    big bucket takes seconds too (a local folder of 600,000 files: 2–2.4 s on 2 cores, labels
+    big bucket takes seconds too (a local folder of 600,000 files: 2–2.5 s on 2 cores, labels
     included), so they overlap.
     Ray must start on the main thread: its processes die with the thread that started them.
     """
