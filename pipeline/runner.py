@@ -88,15 +88,14 @@ def label_inputs(listing: Listing, categories) -> pa.Table:
     once per folder (a million inputs live in a few thousand folders)."""
     mapper = LabelMapper(categories)
     source = listing.source
-    fs_paths = pa.array(listing.files, pa.string())  # chunked past 2 GiB of paths
-    folders = pc.replace_substring_regex(fs_paths, pattern="/[^/]*$", replacement="")
+    paths = pa.array([source.to_uri(fs_path) for fs_path in listing.files], pa.string())  # chunked past 2 GiB
+    folders = pc.replace_substring_regex(paths, pattern="/[^/]*$", replacement="")
     folder_ids = pc.index_in(folders, value_set=pc.unique(folders)).to_numpy()
     _, first_file = np.unique(folder_ids, return_index=True)
     truths = []
     for index in first_file:
         folder = folder_of(source.relative(listing.files[index]))
         truths.append(mapper(folder) if folder else None)
-    paths = fs_paths if source.scheme == "file" else pc.binary_join_element_wise(f"{source.scheme}://", fs_paths, "")
     return pa.table({"path": paths, "ground_truth": pa.array(truths, pa.string()).take(folder_ids)})
 
 
