@@ -119,3 +119,28 @@ class Untraceable(torch.nn.Module):
 def test_a_graph_that_fails_or_disagrees_is_not_used(module):
     with torch.inference_mode():
         assert graphs.frozen_graph(module.eval(), torch.ones(2, 3, 8, 8)) is None
+
+
+def test_every_convolution_of_a_kept_graph_calls_onednn_and_answers_like_the_network(cache):
+    """On one thread PyTorch would send the 1×1 convolutions of a micro-batch to its slow im2col path."""
+    torch.set_num_threads(1)
+    try:
+        classifier = Classifier(parse_model(DEFAULT_MODEL), device="cpu", precision="fp32", threads=1)
+        network = classifier.module
+        crops = sample_crops(3, classifier.preprocessing)
+        probabilities = classifier.probabilities(crops)
+    finally:
+        torch.set_num_threads(2)
+    kept = graphs.load(classifier.graph_path).graph
+    assert len(kept.findAllNodes("aten::mkldnn_convolution")) == sum(isinstance(m, torch.nn.Conv2d) for m in network.modules()) > 30
+    assert not kept.findAllNodes("aten::_convolution")
+    eager = Classifier(parse_model(DEFAULT_MODEL), device="cpu", precision="fp32", fast_path=False)
+    assert torch.allclose(probabilities, eager.probabilities(crops), atol=1e-4)
+
+
+def test_a_transposed_convolution_keeps_pytorchs_kernel():
+    module = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 1), torch.nn.ConvTranspose2d(4, 3, 2, stride=2)).eval()
+    with torch.inference_mode():
+        graph = graphs.frozen_graph(module, torch.rand(2, 3, 8, 8))
+    assert len(graph.graph.findAllNodes("aten::mkldnn_convolution")) == 1
+    assert len(graph.graph.findAllNodes("aten::_convolution")) == 1
