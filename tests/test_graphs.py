@@ -127,7 +127,7 @@ def test_every_convolution_of_a_kept_graph_calls_onednn_and_answers_like_the_net
     try:
         classifier = Classifier(parse_model(DEFAULT_MODEL), device="cpu", precision="fp32", threads=1)
         network = classifier.module
-        crops = sample_crops(3, classifier.preprocessing)
+        crops = sample_crops(5, classifier.preprocessing)  # a full micro-batch and a padded short one
         probabilities = classifier.probabilities(crops)
     finally:
         torch.set_num_threads(2)
