@@ -33,7 +33,7 @@ CPU_BATCH_SIZE = 64  # images per batch a CPU actor receives (its forward pass u
 # beyond it, actors get more threads. On 2 cores, two 1-thread actors against one 2-thread actor:
 # resnet50 forward pass 12.2-12.5 against 10.9 img/s; whole runs steady 61-66 against 53-55 img/s
 # (efficientnet_lite0) and 14.8-15.2 against 12.3-12.8 (resnet50); on a 2-core AVX-512 EPYC, forward
-# pass 262-275 against 243-248 img/s (efficientnet_lite0) and 41-43 against 43-45 (resnet50). Intra-op
+# pass 280-285 against 243-248 img/s (efficientnet_lite0) and 46.1-46.4 against 43-45 (resnet50). Intra-op
 # threads wait for each other at every layer, and any other process that preempts one stalls both.
 MAX_CPU_ACTORS = 8
 REMOTE_READ_THREADS = 8  # a CPU actor reading from s3:// or gs:// waits on the network, not on its CPU
