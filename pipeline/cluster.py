@@ -7,7 +7,7 @@ import os
 import socket
 import sys
 import tempfile
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -65,15 +65,44 @@ def connect(address: str | None = None) -> ClusterInfo:
 def release() -> None:
     """Stop the local Ray this process started, or leave the cluster it joined, if it did either.
 
-    Called before a CLI process exits: Ray's own exit hook would first sleep half a second so that
-    forwarded worker logs get printed, and ours are not forwarded (``log_to_driver=False``).
+    Called just before a CLI process exits, its run written. Ray's own exit hook would first sleep half
+    a second so that forwarded worker logs get printed, and ours are not forwarded (``log_to_driver=False``).
+    A local Ray is stopped the quick way (``_stop_local_ray``).
     """
     ray = sys.modules.get("ray")
     if ray is not None and ray.is_initialized():
         try:
-            ray.shutdown()
+            _stop_local_ray(ray)
         except Exception as error:  # the run is written; say what failed in one line, as everywhere
             print(f"warning: stopping Ray: {one_line(error)}", file=sys.stderr)
+
+
+def _stop_local_ray(ray) -> None:
+    """``ray.shutdown``, without waiting on processes that hold nothing of ours any more.
+
+    Ray stops its autoscaler monitor last, after the GCS it reports to, and the monitor then outlives
+    its SIGTERM: Ray waits a whole second before it kills it (1.0 of the 1.4 s that stopping a local
+    Ray took here). And the workers, told to exit, each tear down their interpreter with torch and
+    pyarrow loaded: on two cores they were still running 2-3 s after the CLI had returned. So the
+    monitor is killed first and the workers (and Ray's agents) after ``ray.shutdown``. Only processes
+    of a Ray this process started are killed: a cluster it joined is left as it is, and a Ray whose
+    internals moved is simply stopped the slow way.
+    """
+    import psutil
+
+    node = getattr(sys.modules.get("ray._private.worker"), "_global_node", None)
+    processes = getattr(node, "all_processes", None) or {}
+    for monitor in processes.get("monitor", []):
+        monitor.process.kill()
+        monitor.process.wait(timeout=5)
+    workers = []
+    for raylet in processes.get("raylet", []):
+        with suppress(psutil.Error):
+            workers += psutil.Process(raylet.process.pid).children(recursive=True)
+    ray.shutdown()
+    for worker in workers:  # not waited for: a killed process frees its memory at once, and no one reaps it sooner
+        with suppress(psutil.Error):
+            worker.kill()
 
 
 def _check_reachable(address: str, timeout_s: float = 5.0) -> None:

@@ -9,17 +9,18 @@ import pytest
 from .conftest import run_cli
 
 
-def ray_servers() -> set[int]:
-    """PIDs of Ray's raylets and GCS servers running now, whoever started them."""
+def ray_processes() -> set[int]:
+    """PIDs of Ray's raylets, GCS servers and workers running now (not exited), whoever started them."""
     found = set()
-    for process in psutil.process_iter(["pid", "name"]):
-        if process.info["name"] in ("raylet", "gcs_server"):
+    for process in psutil.process_iter(["pid", "name", "cmdline", "status"]):
+        ray_worker = (process.info["cmdline"] or [""])[0].startswith("ray::")
+        if (process.info["name"] in ("raylet", "gcs_server") or ray_worker) and process.info["status"] != psutil.STATUS_ZOMBIE:
             found.add(process.info["pid"])
     return found
 
 
 def test_run_prints_progress_and_the_run_folder_last(small_folder, tmp_path):
-    before = ray_servers()
+    before = ray_processes()
     result = run_cli("run", "--data", str(small_folder), "--out", str(tmp_path / "runs"), "--batch-size", "4")
     assert result.returncode == 0, result.stderr
     run_dir = Path(result.stdout.strip().splitlines()[-1])
@@ -28,7 +29,7 @@ def test_run_prints_progress_and_the_run_folder_last(small_folder, tmp_path):
     assert "Traceback" not in result.stderr
     manifest = json.loads((run_dir / "manifest.json").read_text())
     assert manifest["status"] == "complete" and manifest["counts"]["predicted"] == 9
-    assert ray_servers() <= before, "the CLI's local Ray outlived it"
+    assert ray_processes() <= before, "the CLI's local Ray (or one of its workers) outlived it"
 
 
 def test_preview_prints_a_table_with_top5(small_folder):

@@ -12,6 +12,7 @@ import tempfile
 import time
 from pathlib import Path
 
+import psutil
 import pytest
 
 from .conftest import free_port, run_cli
@@ -69,13 +70,23 @@ def ray_head():
         yield address
 
 
+def head_servers(address: str) -> list[psutil.Process]:
+    """The raylet and GCS server of the head listening at ``address``."""
+    port = address.rpartition(":")[2]
+    servers = [p for p in psutil.process_iter(["name", "cmdline"]) if p.info["name"] in ("raylet", "gcs_server")]
+    return [p for p in servers if any(port in part for part in p.info["cmdline"] or [])]
+
+
 def test_run_through_an_existing_cluster(ray_head, small_folder, tmp_path):
+    servers = head_servers(ray_head)
+    assert len(servers) == 2
     result = run_cli("run", "--data", str(small_folder), "--out", str(tmp_path), "--address", ray_head, cwd=tmp_path, env=CLUSTER_AUTH)
     assert result.returncode == 0, result.stderr
     run_dir = Path(result.stdout.strip().splitlines()[-1])
     manifest = json.loads((run_dir / "manifest.json").read_text())
     assert manifest["status"] == "complete" and manifest["counts"]["predicted"] == 9
     assert manifest["params"]["address"] == ray_head and ray_head in manifest["device"]
+    assert all(server.is_running() for server in servers), "the CLI stopped the cluster it only joined"
     token = CLUSTER_AUTH["RAY_AUTH_TOKEN"]
     assert token not in result.stderr + result.stdout
     assert not [f for f in run_dir.rglob("*") if f.is_file() and token.encode() in f.read_bytes()]
