@@ -93,8 +93,7 @@ def _stop_local_ray(ray) -> None:
     node = getattr(sys.modules.get("ray._private.worker"), "_global_node", None)
     processes = getattr(node, "all_processes", None) or {}
     for monitor in processes.get("monitor", []):
-        monitor.process.kill()
-        monitor.process.wait(timeout=5)
+        monitor.process.kill()  # ray.shutdown reaps it
     workers = []
     for raylet in processes.get("raylet", []):
         with suppress(psutil.Error):

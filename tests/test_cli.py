@@ -1,26 +1,30 @@
 """The CLI as a user runs it: a fresh process each time, exit codes and what it prints."""
 
 import json
+import os
+import subprocess
+import sys
+import time
+from contextlib import suppress
 from pathlib import Path
 
 import psutil
 import pytest
 
-from .conftest import run_cli
+from .conftest import ROOT, run_cli
 
 
-def ray_processes() -> set[int]:
-    """PIDs of Ray's raylets, GCS servers and workers running now (not exited), whoever started them."""
+def ray_servers() -> set[int]:
+    """PIDs of Ray's raylets and GCS servers running now, whoever started them."""
     found = set()
-    for process in psutil.process_iter(["pid", "name", "cmdline", "status"]):
-        ray_worker = (process.info["cmdline"] or [""])[0].startswith("ray::")
-        if (process.info["name"] in ("raylet", "gcs_server") or ray_worker) and process.info["status"] != psutil.STATUS_ZOMBIE:
+    for process in psutil.process_iter(["pid", "name"]):
+        if process.info["name"] in ("raylet", "gcs_server"):
             found.add(process.info["pid"])
     return found
 
 
 def test_run_prints_progress_and_the_run_folder_last(small_folder, tmp_path):
-    before = ray_processes()
+    before = ray_servers()
     result = run_cli("run", "--data", str(small_folder), "--out", str(tmp_path / "runs"), "--batch-size", "4")
     assert result.returncode == 0, result.stderr
     run_dir = Path(result.stdout.strip().splitlines()[-1])
@@ -29,7 +33,31 @@ def test_run_prints_progress_and_the_run_folder_last(small_folder, tmp_path):
     assert "Traceback" not in result.stderr
     manifest = json.loads((run_dir / "manifest.json").read_text())
     assert manifest["status"] == "complete" and manifest["counts"]["predicted"] == 9
-    assert ray_processes() <= before, "the CLI's local Ray (or one of its workers) outlived it"
+    assert ray_servers() <= before, "the CLI's local Ray outlived it"
+
+
+def test_no_process_of_the_clis_local_ray_outlives_it(small_folder, tmp_path):
+    """Its workers are killed, not left tearing down torch on the CPUs after the command returned."""
+    command = [sys.executable, "-m", "pipeline", "run", "--data", str(small_folder), "--out", str(tmp_path / "runs")]
+    cli = psutil.Popen(command, cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)}, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    descendants: dict[int, psutil.Process] = {}
+    titles: dict[int, str] = {}  # Ray renames a worker once it holds an actor: keep the latest
+    while cli.poll() is None:
+        with suppress(psutil.Error):  # a process may end between two calls: the next look gets the rest
+            for process in cli.children(recursive=True):
+                descendants.setdefault(process.pid, process)
+                titles[process.pid] = " ".join(process.cmdline())
+        time.sleep(0.05)
+    assert cli.returncode == 0
+    assert any(title.startswith("ray::MapWorker") for title in titles.values())  # the model actors were seen
+    time.sleep(0.3)  # a killed process may take a moment to leave the kernel
+
+    def running(process: psutil.Process) -> bool:
+        with suppress(psutil.Error):
+            return process.is_running() and process.status() != psutil.STATUS_ZOMBIE
+        return False
+
+    assert not [titles.get(pid, pid) for pid, process in descendants.items() if running(process)]
 
 
 def test_preview_prints_a_table_with_top5(small_folder):

@@ -123,14 +123,14 @@ def test_a_graph_that_fails_or_disagrees_is_not_used(module):
 
 def test_every_convolution_of_a_kept_graph_calls_onednn_and_answers_like_the_network(cache):
     """On one thread PyTorch would send the 1×1 convolutions of a micro-batch to its slow im2col path."""
-    torch.set_num_threads(1)
+    threads = torch.get_num_threads()
     try:
         classifier = Classifier(parse_model(DEFAULT_MODEL), device="cpu", precision="fp32", threads=1)
         network = classifier.module
         crops = sample_crops(5, classifier.preprocessing)  # a full micro-batch and a padded short one
         probabilities = classifier.probabilities(crops)
     finally:
-        torch.set_num_threads(2)
+        torch.set_num_threads(threads)  # the Classifier set one thread for the whole process
     kept = graphs.load(classifier.graph_path).graph
     assert len(kept.findAllNodes("aten::mkldnn_convolution")) == sum(isinstance(m, torch.nn.Conv2d) for m in network.modules()) > 30
     assert not kept.findAllNodes("aten::_convolution")
