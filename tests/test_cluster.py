@@ -71,10 +71,10 @@ def ray_head():
 
 
 def head_servers(address: str) -> list[psutil.Process]:
-    """The raylet and GCS server of the head listening at ``address``."""
-    port = address.rpartition(":")[2]
-    servers = [p for p in psutil.process_iter(["name", "cmdline"]) if p.info["name"] in ("raylet", "gcs_server")]
-    return [p for p in servers if any(port in part for part in p.info["cmdline"] or [])]
+    """The raylet and GCS server that ``ray start --head`` started for the head listening at ``address``."""
+    option = f"--port={address.rpartition(':')[2]}"
+    starters = [p for p in psutil.process_iter(["cmdline"]) if option in (p.info["cmdline"] or [])]
+    return [child for p in starters for child in p.children(recursive=True) if child.name() in ("raylet", "gcs_server")]
 
 
 def test_run_through_an_existing_cluster(ray_head, small_folder, tmp_path):
