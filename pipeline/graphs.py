@@ -94,7 +94,13 @@ def convolutions_on_onednn(graph) -> None:
     single-threaded actor on micro-batches is exactly that case, and there it is much slower: measured
     on a 2-core AVX-512 EPYC, one thread, micro-batches of 2, 103 → 154 img/s for efficientnet_lite0
     (49 convolutions, 32 of them 1×1) and 16.7 → 23.8 for resnet50. With more threads PyTorch
-    already picks oneDNN, so they run the same kernels as before."""
+    already picks oneDNN, so they run the same kernels as before. With oneDNN, ATen and MKL held to
+    AVX2 on that CPU (one thread, micro-batches of 4): 85 → 98-102 and 12.5 → 13.6 img/s. A torch built
+    without oneDNN keeps PyTorch's choice."""
+    import torch
+
+    if not torch.backends.mkldnn.is_available():
+        return
     for node in list(graph.findAllNodes("aten::_convolution")):
         # _convolution(input, weight, bias, stride, padding, dilation, transposed, output_padding, groups, ...)
         source, weight, bias, stride, padding, dilation, transposed, _, groups = list(node.inputs())[:9]

@@ -144,3 +144,10 @@ def test_a_transposed_convolution_keeps_pytorchs_kernel():
         graph = graphs.frozen_graph(module, torch.rand(2, 3, 8, 8))
     assert len(graph.graph.findAllNodes("aten::mkldnn_convolution")) == 1
     assert len(graph.graph.findAllNodes("aten::_convolution")) == 1
+
+
+def test_a_torch_without_onednn_keeps_its_own_convolutions(monkeypatch):
+    monkeypatch.setattr(torch.backends.mkldnn, "is_available", lambda: False)
+    with torch.inference_mode():
+        graph = graphs.frozen_graph(torch.nn.Conv2d(3, 4, 1).eval(), torch.rand(2, 3, 8, 8))
+    assert not graph.graph.findAllNodes("aten::mkldnn_convolution") and graph.graph.findAllNodes("aten::_convolution")
