@@ -206,9 +206,9 @@ def _list_local(root: str) -> tuple[list[str], int]:
         with os.scandir(folder) as entries:
             for entry in entries:
                 if entry.is_dir():
-                    pending.append((entry.path, hidden or entry.name.startswith("."), inside))
+                    pending.append((entry.path, hidden or _hidden_name(entry.name), inside))
                 elif entry.is_file():
-                    if hidden or entry.name.startswith(".") or not is_image(entry.name):
+                    if hidden or _hidden_name(entry.name) or not is_image(entry.name):
                         others += 1
                     else:
                         images.append(entry.path)
@@ -216,8 +216,12 @@ def _list_local(root: str) -> tuple[list[str], int]:
 
 
 def _hidden(relative: str) -> bool:
+    return any(_hidden_name(part) for part in relative.split("/"))
+
+
+def _hidden_name(name: str) -> bool:
     """Dot-files and dot-folders (``.DS_Store``, ``._IMG.jpg`` from macOS) are not images."""
-    return any(part.startswith(".") for part in relative.split("/"))
+    return name.startswith(".")
 
 
 def read_bytes(filesystem: pafs.FileSystem, fs_path: str) -> bytes:
