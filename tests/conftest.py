@@ -22,13 +22,17 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
+def cli_env(env: dict | None = None) -> dict:
+    """The environment of a ``python -m pipeline`` process: this checkout first on the path, keeping
+    whatever the caller's PYTHONPATH adds (packages installed with --target, say)."""
+    python_path = os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))
+    return {**os.environ, "PYTHONPATH": python_path, **(env or {})}
+
+
 def run_cli(*args: str, env: dict | None = None, timeout: float = 600, cwd: Path | None = None) -> subprocess.CompletedProcess:
     """``python -m pipeline ARGS`` in a fresh process, as a user would type it."""
-    # ROOT first, keeping whatever the caller's PYTHONPATH adds (packages installed with --target, say).
-    python_path = os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))
-    full_env = {**os.environ, "PYTHONPATH": python_path, **(env or {})}
     return subprocess.run(
-        [sys.executable, "-m", "pipeline", *args], capture_output=True, text=True, timeout=timeout, env=full_env, cwd=cwd or ROOT
+        [sys.executable, "-m", "pipeline", *args], capture_output=True, text=True, timeout=timeout, env=cli_env(env), cwd=cwd or ROOT
     )
 
 

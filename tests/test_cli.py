@@ -1,7 +1,6 @@
 """The CLI as a user runs it: a fresh process each time, exit codes and what it prints."""
 
 import json
-import os
 import subprocess
 import sys
 import time
@@ -11,7 +10,7 @@ from pathlib import Path
 import psutil
 import pytest
 
-from .conftest import ROOT, run_cli
+from .conftest import ROOT, cli_env, run_cli
 
 
 def ray_servers() -> set[int]:
@@ -39,7 +38,7 @@ def test_run_prints_progress_and_the_run_folder_last(small_folder, tmp_path):
 def test_no_process_of_the_clis_local_ray_outlives_it(small_folder, tmp_path):
     """Its workers are killed, not left tearing down torch on the CPUs after the command returned."""
     command = [sys.executable, "-m", "pipeline", "run", "--data", str(small_folder), "--out", str(tmp_path / "runs")]
-    cli = psutil.Popen(command, cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)}, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    cli = psutil.Popen(command, cwd=ROOT, env=cli_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     descendants: dict[int, psutil.Process] = {}
     titles: dict[int, str] = {}  # Ray renames a worker once it holds an actor: keep the latest
     while cli.poll() is None:

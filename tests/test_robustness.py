@@ -19,7 +19,7 @@ from PIL import Image
 from pipeline import runs
 from pipeline.runner import RunRequest, run
 
-from .conftest import ROOT, SAMPLE, run_cli
+from .conftest import ROOT, SAMPLE, cli_env, run_cli
 
 
 def photo(size=(640, 480)) -> Image.Image:
@@ -105,9 +105,10 @@ def wait_for_progress(run_root: Path, at_least: int, timeout_s: float = 240) -> 
 
 
 def start_cli_run(out: Path, *extra: str, env: dict | None = None) -> subprocess.Popen:
-    env = {**os.environ, "PYTHONPATH": str(ROOT), **(env or {})}
     command = [sys.executable, "-m", "pipeline", "run", "--out", str(out), "--batch-size", "8", *extra]
-    return subprocess.Popen(command, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    return subprocess.Popen(
+        command, cwd=ROOT, env=cli_env(env), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True
+    )
 
 
 def assert_exactly_once(path: Path) -> None:
