@@ -139,6 +139,8 @@ def body() -> None:
     if manifest.status == "running":
         st.info(f"{widgets.status_badge('running')}: {len(p):,} of {manifest.counts.inputs:,} images so far; updating every 3 s.")
     st.caption(f"**{manifest.model.get('display_name', '?')}** on {manifest.dataset} · {widgets.status_badge(manifest.status)}")
+    if manifest.unmatched_truth:
+        st.warning(f"{manifest.unmatched_truth.sentence()}.", icon=":material/label_off:")
     if not len(p):
         st.warning("No predictions in this run yet.")
         return

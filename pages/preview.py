@@ -52,7 +52,8 @@ for start in range(0, len(rows), COLUMNS):
                 continue
             mark = {True: ":green[:material/check_circle:]", False: ":red[:material/cancel:]", None: ":gray[:material/help:]"}[row.correct]
             st.markdown(f"{mark} **{row.label}** · {row.score:.0%}")
-            st.caption(f"truth: {row.ground_truth}" if row.ground_truth else "no ground truth")
+            truth = f"truth: {row.ground_truth}" if row.ground_truth else "no ground truth"
+            st.caption(f"{truth} (not a class of this model)" if row.truth_unmatched else truth)
             if show_topk:
                 st.dataframe(
                     {"label": [label for label, _ in row.topk], "score": [score for _, score in row.topk]},

@@ -216,6 +216,8 @@ def _report(path: Path, manifest, out) -> int:
     if manifest.reason and manifest.status != "complete":
         summary += f" ({manifest.reason})"
     print(summary, file=sys.stderr)
+    if manifest.unmatched_truth:
+        print(f"note: {manifest.unmatched_truth.sentence()}", file=sys.stderr)
     print(path, file=out, flush=True)
     return 0 if manifest.status == "complete" else 1
 

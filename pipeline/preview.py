@@ -28,6 +28,7 @@ class PreviewRow:
     topk: list[tuple[str, float]]
     thumbnail: Image.Image | None
     error: str | None = None
+    truth_unmatched: bool = False  # the ground truth names no class of the model: never predicted
 
     @property
     def label(self) -> str | None:
@@ -53,11 +54,13 @@ def preview(listing: Listing, classifier: Classifier, n: int = 10, seed: int = 0
     began = time.perf_counter()
     source = listing.source
     mapper = LabelMapper(classifier.categories)
+    known = set(classifier.categories)
     rows, crops = [], []
     for fs_path in listing.sample(n, seed):
         relative = source.relative(fs_path)
         folder = folder_of(relative)
-        row = PreviewRow(source.to_uri(fs_path), relative, mapper(folder) if folder else None, [], None)
+        truth = mapper(folder) if folder else None
+        row = PreviewRow(source.to_uri(fs_path), relative, truth, [], None, truth_unmatched=truth is not None and truth not in known)
         try:
             image = open_rgb(source.read(fs_path), min_side=classifier.preprocessing.resize)
             crops.append(resize_crop(image, classifier.preprocessing))

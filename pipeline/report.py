@@ -122,6 +122,8 @@ def build_report(path: str | Path, predictions: metrics.Predictions | None = Non
         f"{manifest.counts.inputs:,} inputs · created {manifest.created_at}"
     )
     scope_line = f"<p class='meta'>Scope: {html.escape(scope)}</p>" if scope else ""
+    if manifest.unmatched_truth:
+        scope_line += f"<p class='meta'>Note: {html.escape(manifest.unmatched_truth.sentence())}.</p>"
     kpi_html = "".join(f"<div class='kpi'><b>{value}</b><span>{html.escape(name)}</span></div>" for name, value in kpis)
     return (
         "<!DOCTYPE html><html lang='en'><head><meta charset='utf-8'>"

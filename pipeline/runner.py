@@ -182,6 +182,7 @@ def start(request: RunRequest) -> tuple[Path, Source]:
         counts=Counts(inputs=inputs.num_rows, skipped=skipped),
     )
     manifest.label_set = label_set(inputs, info.categories)
+    manifest.unmatched_truth = runs.unmatched_truth(inputs.column("ground_truth"), info.categories)
     manifest.claim()
     runs.atomic_write_table(path / runs.INPUTS, inputs)
     runs.write_manifest(path, manifest)

@@ -98,6 +98,39 @@ class Accuracy:
 
 
 @dataclass
+class UnmatchedTruth:
+    """Ground truth that names no class of the model: a folder ``cats`` under an ImageNet model, whose
+    classes are ``tabby`` and ``tiger cat``. Its images count as misclassified, and the user is told
+    why, or a run of such folders would read as a model that is always wrong."""
+
+    images: int
+    classes: int
+    names: list[str]  # the classes with the most images first, at most MAX_UNMATCHED_NAMES
+
+    def sentence(self) -> str:
+        more = self.classes - len(self.names)
+        shown = ", ".join(self.names) + (f" and {more} more" if more > 0 else "")
+        images = "1 image has" if self.images == 1 else f"{self.images:,} images have"
+        return f"{images} a ground truth that is not a class of this model ({shown}); they count as misclassified"
+
+
+MAX_UNMATCHED_NAMES = 5
+
+
+def unmatched_truth(truths: pa.ChunkedArray | pa.Array, categories: Sequence[str]) -> UnmatchedTruth | None:
+    """What of ``truths`` (one per image) names no class in ``categories``, if anything does."""
+    known = set(categories)
+    tally = pc.value_counts(truths).to_pylist()
+    unmatched = sorted(
+        ((row["counts"], row["values"]) for row in tally if row["values"] is not None and row["values"] not in known),
+        key=lambda pair: (-pair[0], pair[1]),
+    )
+    if not unmatched:
+        return None
+    return UnmatchedTruth(sum(n for n, _ in unmatched), len(unmatched), [name for _, name in unmatched[:MAX_UNMATCHED_NAMES]])
+
+
+@dataclass
 class RunParams:
     batch_size: int | None  # None: chosen for the device when the run starts
     concurrency: int | None
@@ -131,6 +164,7 @@ class Manifest:
     resumed: int = 0
     # The model classes that are the dataset's ground-truth classes, when they are a small subset.
     label_set: list[str] | None = None
+    unmatched_truth: UnmatchedTruth | None = None
 
     def to_json(self) -> dict:
         data = asdict(self)
@@ -146,6 +180,8 @@ class Manifest:
         values["counts"] = Counts(**data.get("counts", {}))
         accuracy = {k: v for k, v in data.get("accuracy", {}).items() if k in Accuracy.__dataclass_fields__}
         values["accuracy"] = Accuracy(**accuracy)
+        if data.get("unmatched_truth"):
+            values["unmatched_truth"] = UnmatchedTruth(**data["unmatched_truth"])
         return cls(**values)
 
     def claim(self) -> None:

@@ -1,6 +1,7 @@
 """The CLI as a user runs it: a fresh process each time, exit codes and what it prints."""
 
 import json
+import shutil
 import subprocess
 import sys
 import time
@@ -24,14 +25,18 @@ def ray_servers() -> set[int]:
 
 def test_run_prints_progress_and_the_run_folder_last(small_folder, tmp_path):
     before = ray_servers()
+    (small_folder / "kittens").mkdir()  # a folder named after no ImageNet class
+    shutil.copy(next((small_folder / "n01440764").iterdir()), small_folder / "kittens" / "cat.jpg")
     result = run_cli("run", "--data", str(small_folder), "--out", str(tmp_path / "runs"), "--batch-size", "4")
     assert result.returncode == 0, result.stderr
     run_dir = Path(result.stdout.strip().splitlines()[-1])
     assert run_dir.parent == tmp_path / "runs" and (run_dir / "manifest.json").is_file()
-    assert "9/9" in result.stderr and "img/s" in result.stderr and "ETA" in result.stderr
+    assert "10/10" in result.stderr and "img/s" in result.stderr and "ETA" in result.stderr
+    assert "note: 1 image has a ground truth that is not a class of this model (kittens)" in result.stderr
     assert "Traceback" not in result.stderr
     manifest = json.loads((run_dir / "manifest.json").read_text())
-    assert manifest["status"] == "complete" and manifest["counts"]["predicted"] == 9
+    assert manifest["status"] == "complete" and manifest["counts"]["predicted"] == 10
+    assert manifest["unmatched_truth"] == {"images": 1, "classes": 1, "names": ["kittens"]}
     assert ray_servers() <= before, "the CLI's local Ray outlived it"
 
 

@@ -118,6 +118,17 @@ def test_analytics_shows_metrics_and_filters(runs_dir):
     assert any("Showing" in c.value for c in at.caption)
 
 
+def test_analytics_says_when_ground_truth_is_no_class_of_the_model(runs_dir):
+    run_id = write_run(runs_dir)
+    assert not any("not a class of this model" in w.value for w in app("analytics").warning)
+    path = runs.run_dir(runs_dir, run_id)
+    manifest = runs.read_manifest(path)
+    manifest.unmatched_truth = runs.UnmatchedTruth(12, 2, ["cats", "dogs"])
+    runs.write_manifest(path, manifest)
+    warnings = [w.value for w in app("analytics").warning]
+    assert "12 images have a ground truth that is not a class of this model (cats, dogs); they count as misclassified." in warnings
+
+
 def test_analytics_reports_a_corrupt_run_in_one_line(runs_dir):
     run_id = write_run(runs_dir)
     (runs_dir / run_id / "predictions" / "part-000000.parquet").write_bytes(b"not parquet")

@@ -2,6 +2,7 @@
 
 import io
 import re
+import shutil
 
 import numpy as np
 import pyarrow.csv as pa_csv
@@ -37,6 +38,16 @@ def test_report_of_a_filtered_view_says_so(real_run):
     confident = loaded.subset(loaded.score >= 0.5)
     html = report.build_report(real_run, confident, "confidence 0.50–1.00")
     assert "Scope: confidence 0.50–1.00" in html and f"<b>{len(confident):,}</b>" in html
+
+
+def test_report_says_when_ground_truth_is_no_class_of_the_model(real_run, tmp_path):
+    assert "not a class of this model" not in report.build_report(real_run)
+    copy = tmp_path / real_run.name
+    shutil.copytree(real_run, copy)
+    manifest = runs.read_manifest(copy)
+    manifest.unmatched_truth = runs.UnmatchedTruth(7, 1, ["<kittens>"])
+    runs.write_manifest(copy, manifest)
+    assert "Note: 7 images have a ground truth that is not a class of this model (&lt;kittens&gt;)" in report.build_report(copy)
 
 
 def test_write_report_puts_it_in_the_run_folder(real_run):

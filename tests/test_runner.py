@@ -40,6 +40,7 @@ def test_run_accounts_for_every_input_and_writes_the_manifest(small_folder, tmp_
     assert on_disk["model"]["name"] == "efficientnet_lite0" and on_disk["dataset"] == str(small_folder)
     assert on_disk["finished_at"] and on_disk["elapsed_s"] > 0 and on_disk["images_per_s"] > 0
     assert on_disk["params"]["batch_size"] == 4
+    assert on_disk["unmatched_truth"] is None  # every folder names a class of the model
 
     loose = next(r for r in predictions if r["path"].endswith("loose.png"))
     assert loose["ground_truth"] is None

@@ -1,0 +1,20 @@
+"""The preview: a seeded sample through the real default model, in this process."""
+
+import shutil
+
+from pipeline.inference import Classifier
+from pipeline.models import ModelSpec
+from pipeline.preview import preview
+from pipeline.sources import list_images, open_source
+
+
+def test_preview_says_which_ground_truth_is_no_class_of_the_model(small_folder):
+    kittens = small_folder / "kittens"
+    kittens.mkdir()
+    shutil.copy(next((small_folder / "n01440764").iterdir()), kittens / "cat.jpg")
+    result = preview(list_images(open_source(str(small_folder))), Classifier(ModelSpec(), device="cpu"), n=10)
+    by_folder = {row.relative.split("/")[0]: row for row in result.rows}
+    assert len(result.rows) == 10 and all(row.error is None and row.label for row in result.rows)
+    assert by_folder["kittens"].ground_truth == "kittens" and by_folder["kittens"].truth_unmatched
+    assert by_folder["kittens"].correct is False
+    assert by_folder["n01440764"].ground_truth == "tench" and not by_folder["n01440764"].truth_unmatched
