@@ -16,7 +16,7 @@ import streamlit as st
 
 from pipeline import metrics, runs
 from pipeline.cluster import LOCAL
-from pipeline.errors import UserError, one_line
+from pipeline.errors import UserError
 from pipeline.inference import Classifier
 from pipeline.models import DEFAULT_MODEL, ModelSpec, describe, ensure_weights, parse_model, registry
 from pipeline.preprocess import thumbnail_jpeg
@@ -216,11 +216,6 @@ def status_badge(status: str) -> str:
 
 def percent(value: float | None) -> str:
     return "–" if value is None else f"{value:.1%}"
-
-
-def show_error(error: Exception) -> None:
-    """One line on the page, never a traceback."""
-    st.error(str(error) if isinstance(error, UserError) else f"Something went wrong: {type(error).__name__}: {one_line(error)}")
 
 
 def runs_in(settings: Settings) -> list[tuple[Path, runs.Manifest]]:

@@ -35,9 +35,6 @@ PREDICTIONS = "predictions"
 ERRORS = "errors.parquet"
 INPUTS = "inputs.parquet"
 CANCEL_REQUEST = "CANCEL"
-LOG = "run.log"
-STATUSES = ("running", "complete", "failed", "cancelled", "interrupted")
-FINAL_STATUSES = ("complete", "failed", "cancelled")
 HEARTBEAT_TIMEOUT_S = 120.0
 RUN_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 
@@ -55,7 +52,6 @@ PREDICTION_SCHEMA = pa.schema(
     ]
 )
 ERROR_SCHEMA = pa.schema([("path", pa.string()), ("error", pa.string())])
-INPUT_SCHEMA = pa.schema([("path", pa.string()), ("ground_truth", pa.string())])
 
 
 def now_iso() -> str:
@@ -148,7 +144,7 @@ class Manifest:
     dataset: str
     model: dict
     params: RunParams
-    status: str = "running"
+    status: str = "running"  # then complete, failed or cancelled; read as interrupted when its process died
     created_at: str = field(default_factory=now_iso)
     finished_at: str | None = None
     updated_at: str = field(default_factory=now_iso)

@@ -13,7 +13,6 @@ import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
 SAMPLE = ROOT / "pipeline" / "sample_data" / "imagenette"
-SHARED_VAL = ROOT.parent / "shared" / "data" / "imagenette-val"
 
 
 def free_port() -> int:
