@@ -19,7 +19,6 @@ against fp32 on the CPU, and of the default bf16 against fp32, with real (embedd
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 import tempfile
@@ -31,7 +30,7 @@ import numpy as np
 import psutil
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from throughput import ROOT, SHARED, ensure_weights, first_prediction_s, measure, project_run, repeat_folder
+from throughput import ROOT, SHARED, ensure_weights, first_prediction_s, measure, repeat_folder, timed_project_run
 
 from pipeline.cache import CACHE_ENV
 from pipeline.inference import GPU_BATCH_SIZE, Classifier
@@ -105,38 +104,6 @@ def top1_agreement(files: list[str], model: str, batch_size: int = 256) -> dict[
     return {"gpu_vs_cpu": same_device / len(files), "bf16_vs_fp32": same_precision / len(files)}
 
 
-def gpu_project_run(data: Path, model: str, work: Path, env: dict, run_id: str, *extra: str) -> dict[str, float]:
-    """(b): the CLI's whole process, plus its steady rate from the manifest's counts over time."""
-    manifest_path = work / "runs" / run_id / "manifest.json"
-    ticks: list[tuple[float, int]] = []
-
-    def tick() -> None:
-        try:
-            counts = json.loads(manifest_path.read_text())["counts"]
-        except (OSError, ValueError, KeyError):
-            return
-        done = counts["predicted"] + counts["failed"]
-        if done and (not ticks or ticks[-1][1] != done):
-            ticks.append((time.perf_counter(), done))
-
-    began = time.perf_counter()
-    measured, _ = project_run(str(data), model, work, env, "--run-id", run_id, *extra, on_tick=tick, track_pss=True)
-    manifest = json.loads(manifest_path.read_text())
-    done = manifest["counts"]["predicted"]
-    steady = (ticks[-1][1] - ticks[0][1]) / (ticks[-1][0] - ticks[0][0]) if len(ticks) > 2 else float("nan")
-    return {
-        "whole": done / measured.seconds,
-        "steady": steady,
-        "after_connect": manifest.get("images_per_s") or float("nan"),
-        "first_predictions_s": ticks[0][0] - began if ticks else float("nan"),
-        "seconds": measured.seconds,
-        "rss": measured.rss,
-        "pss": measured.pss,
-        "failed": manifest["counts"]["failed"],
-        "device": manifest.get("device", ""),
-    }
-
-
 def main() -> None:
     import torch
 
@@ -189,7 +156,7 @@ def main() -> None:
         print(f"start-up: a fresh process through ray.init {ray_init:.1f} s; to a first GPU prediction {first:.1f} s", flush=True)
     for name, extra in (("b", ()), ("b2", ("--num-gpus", "1")), ("b3", ("--concurrency", "3"))):
         if name not in skip:
-            result = gpu_project_run(data, args.model, work, env, f"bench-{name}", *extra)
+            result = timed_project_run(str(data), args.model, work, env, f"bench-{name}", *extra, track_pss=True)
             r[name], r[f"{name}_steady"] = result["whole"], result["steady"]
             print(
                 f"({name}) {result['device']}: whole process {result['whole']:.0f} img/s ({result['seconds']:.1f} s), "

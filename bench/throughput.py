@@ -23,6 +23,7 @@ summed PSS (shared pages counted once). Usage:
 from __future__ import annotations
 
 import argparse
+import json
 import math
 import os
 import subprocess
@@ -177,6 +178,40 @@ def project_run(data: str, model: str, work: Path, env: dict, *extra: str, on_ti
     return measured, Path(measured.out.strip().splitlines()[-1])
 
 
+def timed_project_run(data: str, model: str, work: Path, env: dict, run_id: str, *extra: str, track_pss: bool = False) -> dict:
+    """(b) as ``project_run``, plus when its first predictions were written and its steady rate from
+    then on, both read from the run's manifest (its counts, rewritten at least once a second while
+    batches arrive) every 0.2 s: how long Ray took to start, and how fast it then went."""
+    manifest_path = work / "runs" / run_id / "manifest.json"
+    ticks: list[tuple[float, int]] = []
+
+    def tick() -> None:
+        try:
+            counts = json.loads(manifest_path.read_text())["counts"]
+        except (OSError, ValueError, KeyError):
+            return
+        done = counts["predicted"] + counts["failed"]
+        if done and (not ticks or ticks[-1][1] != done):
+            ticks.append((time.perf_counter(), done))
+
+    began = time.perf_counter()
+    measured, run_dir = project_run(data, model, work, env, "--run-id", run_id, *extra, on_tick=tick, track_pss=track_pss)
+    manifest = json.loads(manifest_path.read_text())
+    steady = (ticks[-1][1] - ticks[0][1]) / (ticks[-1][0] - ticks[0][0]) if len(ticks) > 2 else math.nan
+    return {
+        "whole": manifest["counts"]["predicted"] / measured.seconds,
+        "steady": steady,
+        "after_connect": manifest.get("images_per_s") or math.nan,
+        "first_predictions_s": ticks[0][0] - began if ticks else math.nan,
+        "seconds": measured.seconds,
+        "rss": measured.rss,
+        "pss": measured.pss,
+        "failed": manifest["counts"]["failed"],
+        "device": manifest.get("device", ""),
+        "run_dir": run_dir,
+    }
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--data", default=str(SHARED) if SHARED.is_dir() else str(ROOT / "pipeline" / "sample_data" / "imagenette"))
@@ -220,9 +255,10 @@ def main() -> None:
             if variant == "c":
                 rate = forward_only(model, files, args.batch_size, precision, layout.concurrency, layout.threads)
             elif variant == "b":
-                measured, run_dir = project_run(args.data, model, work, env, *batch)
-                rate = n / measured.seconds
-                result["b_rss"], result["run_dir"] = max(measured.rss, result.get("b_rss", 0.0)), run_dir
+                timed = timed_project_run(args.data, model, work, env, f"b-{len(rows)}-{len(taken)}", *batch)
+                rate = n / timed["seconds"]
+                result["b_rss"], result["run_dir"] = max(timed["rss"], result.get("b_rss", 0.0)), timed["run_dir"]
+                result.setdefault("b_timeline", []).append((timed["first_predictions_s"], timed["steady"]))
             else:
                 rate = n / measure(loop, env).seconds
             taken.append((variant, rate))
@@ -248,6 +284,15 @@ def main() -> None:
     for result in rows:
         taken = ", ".join(f"({variant}) {rate:.1f}" for variant, rate in result["taken"])
         print(f"{result['model']}: each measurement in the order taken, img/s: {taken}")
+    for result in rows:
+        first, steady = (float(np.mean(values)) for values in zip(*result["b_timeline"], strict=True))
+        then = "too few batches to time a steady rate" if math.isnan(steady) else f"then ran {steady:.1f} img/s steady"
+        if "c" in result and not math.isnan(steady):
+            then += f" = {steady / result['c']:.2f} of (c)"
+        print(
+            f"{result['model']}: (b) wrote its first predictions {first:.1f} s after the command started; {then} "
+            f"(means of {len(result['b_timeline'])} runs)"
+        )
     for result in rows:
         if "c_eager" in result:
             print(
