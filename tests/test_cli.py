@@ -65,11 +65,14 @@ def test_no_process_of_the_clis_local_ray_outlives_it(small_folder, tmp_path):
 
 
 def test_preview_prints_a_table_with_top5(small_folder):
-    result = run_cli("preview", "--data", str(small_folder), "-n", "4", "--seed", "1")
+    (small_folder / "kittens").mkdir()  # a folder named after no ImageNet class
+    shutil.copy(next((small_folder / "n01440764").iterdir()), small_folder / "kittens" / "cat.jpg")
+    result = run_cli("preview", "--data", str(small_folder), "-n", "10", "--seed", "1")
     assert result.returncode == 0, result.stderr
     lines = result.stdout.strip().splitlines()
-    assert lines[0].split()[:3] == ["path", "ground", "truth"] and len(lines) == 5
+    assert lines[0].split()[:3] == ["path", "ground", "truth"] and len(lines) == 11
     assert all(line.count("(") >= 5 for line in lines[1:])  # five labels with scores each
+    assert "note: 1 image has a ground truth that is not a class of this model (kittens)" in result.stderr
 
 
 def test_models_lists_the_embedded_default_as_offline():
