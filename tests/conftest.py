@@ -56,6 +56,12 @@ def small_folder(tmp_path: Path) -> Path:
     return root
 
 
+def add_kittens(root: Path) -> None:
+    """A folder named after no ImageNet class (``kittens``), holding one real photo from ``root``."""
+    (root / "kittens").mkdir()
+    shutil.copy(next((root / "n01440764").iterdir()), root / "kittens" / "cat.jpg")
+
+
 @pytest.fixture(scope="session")
 def torch_home(tmp_path_factory) -> Path:
     """A TORCH_HOME holding resnet18's checkpoint under torchvision's file name, randomly initialised.

@@ -1,7 +1,6 @@
 """The CLI as a user runs it: a fresh process each time, exit codes and what it prints."""
 
 import json
-import shutil
 import subprocess
 import sys
 import time
@@ -11,7 +10,7 @@ from pathlib import Path
 import psutil
 import pytest
 
-from .conftest import ROOT, cli_env, run_cli
+from .conftest import ROOT, add_kittens, cli_env, run_cli
 
 
 def ray_servers() -> set[int]:
@@ -25,8 +24,7 @@ def ray_servers() -> set[int]:
 
 def test_run_prints_progress_and_the_run_folder_last(small_folder, tmp_path):
     before = ray_servers()
-    (small_folder / "kittens").mkdir()  # a folder named after no ImageNet class
-    shutil.copy(next((small_folder / "n01440764").iterdir()), small_folder / "kittens" / "cat.jpg")
+    add_kittens(small_folder)
     result = run_cli("run", "--data", str(small_folder), "--out", str(tmp_path / "runs"), "--batch-size", "4")
     assert result.returncode == 0, result.stderr
     run_dir = Path(result.stdout.strip().splitlines()[-1])
@@ -65,8 +63,7 @@ def test_no_process_of_the_clis_local_ray_outlives_it(small_folder, tmp_path):
 
 
 def test_preview_prints_a_table_with_top5(small_folder):
-    (small_folder / "kittens").mkdir()  # a folder named after no ImageNet class
-    shutil.copy(next((small_folder / "n01440764").iterdir()), small_folder / "kittens" / "cat.jpg")
+    add_kittens(small_folder)
     result = run_cli("preview", "--data", str(small_folder), "-n", "10", "--seed", "1")
     assert result.returncode == 0, result.stderr
     lines = result.stdout.strip().splitlines()

@@ -1,17 +1,15 @@
 """The preview: a seeded sample through the real default model, in this process."""
 
-import shutil
-
 from pipeline.inference import Classifier
 from pipeline.models import ModelSpec
 from pipeline.preview import preview
 from pipeline.sources import list_images, open_source
 
+from .conftest import add_kittens
+
 
 def test_preview_says_which_ground_truth_is_no_class_of_the_model(small_folder):
-    kittens = small_folder / "kittens"
-    kittens.mkdir()
-    shutil.copy(next((small_folder / "n01440764").iterdir()), kittens / "cat.jpg")
+    add_kittens(small_folder)
     result = preview(list_images(open_source(str(small_folder))), Classifier(ModelSpec(), device="cpu"), n=10)
     by_folder = {row.relative.split("/")[0]: row for row in result.rows}
     assert len(result.rows) == 10 and all(row.error is None and row.label for row in result.rows)
