@@ -176,8 +176,8 @@ class Manifest:
         values["counts"] = Counts(**data.get("counts", {}))
         accuracy = {k: v for k, v in data.get("accuracy", {}).items() if k in Accuracy.__dataclass_fields__}
         values["accuracy"] = Accuracy(**accuracy)
-        if data.get("unmatched_truth"):
-            values["unmatched_truth"] = UnmatchedTruth(**data["unmatched_truth"])
+        if unmatched := data.get("unmatched_truth"):
+            values["unmatched_truth"] = UnmatchedTruth(**{k: v for k, v in unmatched.items() if k in UnmatchedTruth.__dataclass_fields__})
         return cls(**values)
 
     def claim(self) -> None:

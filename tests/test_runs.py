@@ -18,7 +18,7 @@ def test_unmatched_truth_names_the_commonest_classes_first_and_counts_the_rest()
     assert runs.unmatched_truth(pa.array(["cats"]), ["tench"]).sentence().startswith("1 image has a ground truth")
 
 
-def test_manifest_keeps_unmatched_truth_and_reads_manifests_written_before_it(tmp_path):
+def test_manifest_keeps_unmatched_truth_and_reads_manifests_written_before_or_after_it(tmp_path):
     manifest = Manifest("r1", "/data", {"name": "m"}, RunParams(None, None, None, None, None, None))
     manifest.unmatched_truth = UnmatchedTruth(3, 1, ["cats"])
     runs.write_manifest(tmp_path, manifest)
@@ -26,3 +26,6 @@ def test_manifest_keeps_unmatched_truth_and_reads_manifests_written_before_it(tm
     older = manifest.to_json()
     del older["unmatched_truth"]
     assert Manifest.from_json(older).unmatched_truth is None
+    newer = manifest.to_json()
+    newer["unmatched_truth"]["by_folder"] = {"cats": 3}  # a field a later version might add
+    assert Manifest.from_json(newer).unmatched_truth == UnmatchedTruth(3, 1, ["cats"])
