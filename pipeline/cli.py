@@ -14,11 +14,9 @@ import sys
 import time
 from pathlib import Path
 
-import pyarrow as pa
-
 from .errors import UserError, one_line
 from .models import DEFAULT_MODEL, describe, parse_model, registry
-from .runs import format_duration, list_runs, unmatched_truth
+from .runs import format_duration, list_runs
 from .sources import SAMPLE_DATA, list_images, open_source
 
 
@@ -232,8 +230,7 @@ def cmd_preview(args) -> int:
     spec = _model_spec(args)
     listing = list_images(open_source(args.data, args.s3_endpoint))
     ensure_weights(describe(spec))
-    classifier = Classifier(spec)
-    result = preview(listing, classifier, n=args.n, seed=args.seed)
+    result = preview(listing, Classifier(spec), n=args.n, seed=args.seed)
     width = max(len(row.relative) for row in result.rows)
     truth_width = max([len("ground truth")] + [len(row.ground_truth or "-") for row in result.rows])
     print(f"{'path':<{width}}  {'ground truth':<{truth_width}}  top-5")
@@ -242,9 +239,8 @@ def cmd_preview(args) -> int:
         mark = {True: "✓", False: "✗", None: " "}[row.correct]
         print(f"{row.relative:<{width}}  {row.ground_truth or '-':<{truth_width}}  {mark} {top}")
     print(f"{len(result.rows)} images in {result.seconds:.2f} s", file=sys.stderr)
-    unmatched = unmatched_truth(pa.array([row.ground_truth for row in result.rows], pa.string()), classifier.categories)
-    if unmatched:
-        print(f"note: {unmatched.sentence()}", file=sys.stderr)
+    if result.unmatched_truth:
+        print(f"note: {result.unmatched_truth.sentence()}", file=sys.stderr)
     return 0
 
 

@@ -10,11 +10,13 @@ import time
 from dataclasses import dataclass
 
 import numpy as np
+import pyarrow as pa
 from PIL import Image
 
 from .inference import Classifier
 from .labels import LabelMapper, folder_of
 from .preprocess import describe_error, open_rgb, resize_crop
+from .runs import UnmatchedTruth, unmatched_truth
 from .sources import Listing
 
 THUMBNAIL = 256
@@ -47,6 +49,7 @@ class PreviewRow:
 class PreviewResult:
     rows: list[PreviewRow]
     seconds: float
+    unmatched_truth: UnmatchedTruth | None = None  # the sample's ground truth that names no class of the model
 
 
 def preview(listing: Listing, classifier: Classifier, n: int = 10, seed: int = 0, k: int = 5) -> PreviewResult:
@@ -74,4 +77,5 @@ def preview(listing: Listing, classifier: Classifier, n: int = 10, seed: int = 0
         indices, scores, _ = classifier.top_k(np.stack(crops), k)
         for row, idx, sc in zip(good, indices, scores, strict=True):
             row.topk = [(classifier.categories[i], float(s)) for i, s in zip(idx, sc, strict=True)]
-    return PreviewResult(rows, time.perf_counter() - began)
+    truths = pa.array([row.ground_truth for row in rows], pa.string())
+    return PreviewResult(rows, time.perf_counter() - began, unmatched_truth(truths, classifier.categories))

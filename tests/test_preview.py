@@ -3,6 +3,7 @@
 from pipeline.inference import Classifier
 from pipeline.models import ModelSpec
 from pipeline.preview import preview
+from pipeline.runs import UnmatchedTruth
 from pipeline.sources import list_images, open_source
 
 from .conftest import add_kittens
@@ -16,3 +17,4 @@ def test_preview_says_which_ground_truth_is_no_class_of_the_model(small_folder):
     assert by_folder["kittens"].ground_truth == "kittens" and by_folder["kittens"].truth_unmatched
     assert by_folder["kittens"].correct is False
     assert by_folder["n01440764"].ground_truth == "tench" and not by_folder["n01440764"].truth_unmatched
+    assert result.unmatched_truth == UnmatchedTruth(images=1, classes=1, names=["kittens"])
