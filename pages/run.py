@@ -9,9 +9,14 @@ from pages import widgets
 from pipeline import charts, launcher, metrics, runs
 from pipeline.errors import UserError
 from pipeline.models import parse_model
-from pipeline.runner import RunRequest
-from pipeline.runs import format_duration
+from pipeline.runner import LOCAL_MAX_IMAGES, RunRequest
+from pipeline.runs import ENGINES, format_duration
 
+ENGINE_LABELS = {
+    "auto": "auto: local processes for small CPU runs, else Ray Data",
+    "ray": "Ray Data",
+    "local": "local processes on this machine's CPUs (no Ray)",
+}
 settings = widgets.current_settings()
 root = widgets.runs_root(settings)
 st.title("Run")
@@ -41,6 +46,15 @@ with st.form("launch"):
         help="Empty: two actors share each GPU, or the GPUs are shared by the concurrency asked for; 0 runs on CPUs",
     )
     limit = c4.number_input("Limit (0 = all images)", min_value=0, value=0, step=100)
+    engine = st.selectbox(
+        "Engine",
+        ENGINES,
+        format_func=ENGINE_LABELS.get,
+        help=(
+            f"Local worker processes skip Ray's start-up (seconds of CPU): auto uses them for up to {LOCAL_MAX_IMAGES:,} images "
+            "on this machine's CPUs, and Ray Data for bigger runs, GPUs and clusters."
+        ),
+    )
     if resources:
         note = f"Cluster: {resources['cpus']:g} CPUs, {resources['gpus']:g} GPUs."
         st.caption(note + ("" if has_gpu else " No GPU in this cluster, so the model runs on CPUs."))
@@ -60,6 +74,7 @@ if submitted:
             num_gpus=float(num_gpus) if has_gpu and num_gpus is not None else None,
             limit=int(limit) or None,
             address=settings.address_or_none,
+            engine=engine,
         )
         try:
             launched = launcher.launch_run(request)
@@ -79,13 +94,15 @@ def live_view(run_id: str) -> None:
         if failure:
             st.error(f"Run {run_id} could not start: {failure}")
         else:
-            st.info(f"Starting {run_id}: connecting to Ray and listing images…")
+            st.info(f"Starting {run_id}: listing images, starting the model's workers…")
         return
     manifest = runs.read_manifest(path)
     counts = manifest.counts
     st.subheader(f"{widgets.status_badge(manifest.status)} {run_id}")
     fraction = counts.done / counts.inputs if counts.inputs else 0.0
     st.progress(min(fraction, 1.0), text=f"{counts.done:,} / {counts.inputs:,} images ({fraction:.0%})")
+    if manifest.device:
+        st.caption(manifest.device)
     m1, m2, m3, m4, m5 = st.columns(5)
     rate = manifest.images_per_s
     m1.metric("Images/s", f"{rate:.1f}" if rate else "–")

@@ -16,8 +16,14 @@ from pathlib import Path
 
 from .errors import UserError, one_line
 from .models import DEFAULT_MODEL, describe, parse_model, registry
-from .runs import format_duration, list_runs
+from .runner import LOCAL_MAX_IMAGES
+from .runs import ENGINES, format_duration, list_runs
 from .sources import SAMPLE_DATA, list_images, open_source
+
+ENGINE_HELP = (
+    "what runs the model: ray (Ray Data), local (worker processes on this machine's CPUs, no Ray start-up), "
+    f"or auto (default: local for up to {LOCAL_MAX_IMAGES:,} images on this machine's CPUs, else ray)"
+)
 
 
 class ArgumentError(UserError):
@@ -91,11 +97,13 @@ def build_parser() -> Parser:
     run.add_argument("--limit", type=positive_int, default=None, help="classify a reproducible random sample of N images")
     run.add_argument("--address", default=None, help="Ray cluster address (default: $RAY_ADDRESS, else a local Ray)")
     run.add_argument("--precision", choices=("auto", "fp32", "bf16"), default="auto")
+    run.add_argument("--engine", choices=ENGINES, default="auto", help=ENGINE_HELP)
     run.add_argument("--run-id", default=None, help=argparse.SUPPRESS)
 
     resume = commands.add_parser("resume", help="finish an interrupted, failed or cancelled run")
     resume.add_argument("run_dir")
     resume.add_argument("--address", default=None, help="continue on another Ray cluster (`local` for this machine)")
+    resume.add_argument("--engine", choices=ENGINES, default=None, help="override the run's engine (see run --help)")
 
     preview = commands.add_parser("preview", help="classify a few sample images and print a table")
     _add_source_options(preview)
@@ -181,6 +189,7 @@ def cmd_run(args) -> int:
         s3_endpoint=args.s3_endpoint,
         run_id=args.run_id,
         precision=args.precision,
+        engine=args.engine,
     )
     path, manifest = run(request, ProgressPrinter())
     return _report(path, manifest, out)
@@ -191,7 +200,7 @@ def cmd_resume(args) -> int:
 
     out = _result_stream()
     path = Path(args.run_dir)
-    manifest = resume(path, ProgressPrinter(), args.address)
+    manifest = resume(path, ProgressPrinter(), args.address, args.engine)
     return _report(path, manifest, out)
 
 

@@ -222,24 +222,46 @@ class Predictor:
             top_idx[ok], top_scores[ok], set_scores[ok] = self.classifier.top_k(batch["image"][ok], k, self.label_set)
         categories = self.classifier.categories
         names = [[categories[i] for i in row] if good else None for row, good in zip(top_idx, ok, strict=True)]
-        return pa.table(
-            {
-                "path": pa.array([str(p) for p in batch["path"]], pa.string()),
-                "ground_truth": pa.array([str(g) if g else None for g in batch["ground_truth"]], pa.string()),
-                "label": pa.array([row[0] if row else None for row in names], pa.string()),
-                "label_index": pa.array(np.where(ok, top_idx[:, 0], 0).astype(np.int32), mask=~ok),
-                "score": pa.array(top_scores[:, 0], mask=~ok),
-                "topk_labels": pa.array(names, pa.list_(pa.string())),
-                "topk_scores": pa.array(
-                    [row.tolist() if good else None for row, good in zip(top_scores, ok, strict=True)], pa.list_(pa.float32())
-                ),
-                "label_set_scores": pa.array(
-                    [row.tolist() if good and self.label_set else None for row, good in zip(set_scores, ok, strict=True)],
-                    pa.list_(pa.float32()),
-                ),
-                "error": pa.array(errors, pa.string()),
-            }
+        return prediction_rows(
+            batch["path"], batch["ground_truth"], errors, names, top_idx, top_scores, set_scores if self.label_set else None
         )
+
+
+def prediction_rows(
+    paths: Sequence,
+    truths: Sequence,
+    errors: list[str | None],
+    names: list[list[str] | None],
+    top_idx: np.ndarray,
+    top_scores: np.ndarray,
+    set_scores: np.ndarray | None,
+) -> pa.Table:
+    """A batch's rows as the driver stores them: a prediction, or where ``errors`` has one, an error."""
+    ok = np.array([e is None for e in errors], dtype=bool)
+    set_rows = set_scores if set_scores is not None else [None] * len(errors)
+    return pa.table(
+        {
+            "path": pa.array([str(p) for p in paths], pa.string()),
+            "ground_truth": pa.array([str(g) if g else None for g in truths], pa.string()),
+            "label": pa.array([row[0] if row else None for row in names], pa.string()),
+            "label_index": pa.array(np.where(ok, top_idx[:, 0], 0).astype(np.int32), mask=~ok),
+            "score": pa.array(top_scores[:, 0], mask=~ok),
+            "topk_labels": pa.array(names, pa.list_(pa.string())),
+            "topk_scores": pa.array(
+                [row.tolist() if good else None for row, good in zip(top_scores, ok, strict=True)], pa.list_(pa.float32())
+            ),
+            "label_set_scores": pa.array(
+                [row.tolist() if good and row is not None else None for row, good in zip(set_rows, ok, strict=True)], pa.list_(pa.float32())
+            ),
+            "error": pa.array(errors, pa.string()),
+        }
+    )
+
+
+def failure_rows(paths: Sequence, truths: Sequence, error: str) -> pa.Table:
+    """Error rows for a whole batch that could not be predicted at all."""
+    n = len(paths)
+    return prediction_rows(paths, truths, [error] * n, [None] * n, np.zeros((n, 1), np.int64), np.zeros((n, 1), np.float32), None)
 
 
 @dataclass(frozen=True)

@@ -21,15 +21,20 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from . import cluster, runs
+from . import cluster, local, runs
 from .errors import UserError, one_line
-from .inference import PRECISIONS, build_dataset, check_pool, plan, resolve_precision
+from .inference import PRECISIONS, PredictorOptions, build_dataset, check_pool, plan, resolve_precision
 from .labels import LabelMapper, folder_of
 from .models import ModelInfo, ModelSpec, describe, ensure_weights
-from .runs import Accuracy, Counts, Manifest, RunParams, RunWriter
+from .runs import ENGINES, Accuracy, Counts, Manifest, RunParams, RunWriter
 from .sources import SAMPLE_DATA, Listing, Source, list_images, open_source, redact_uri, require_exists
 
 MAX_LABEL_SET = 100  # classes whose scores every row stores for label-set-restricted evaluation
+# ``auto`` runs up to this many images on this machine's CPUs in local worker processes (``local``),
+# where Ray's start would be a large part of the run (on 2 cores: ~7 s more to the first prediction,
+# against a ~20-s run of Imagenette's 3,925 images). Bigger runs take the path a cluster's run takes,
+# Ray Data, whose start is then under ~7 % of the run even for the fastest model here.
+LOCAL_MAX_IMAGES = 20_000
 
 
 @dataclass
@@ -46,6 +51,7 @@ class RunRequest:
     run_id: str | None = None
     topk: int = 5
     precision: str = "auto"
+    engine: str = "auto"
 
 
 @dataclass
@@ -81,6 +87,29 @@ def validate(request: RunRequest) -> None:
         raise UserError(f"precision must be one of {', '.join(PRECISIONS)}")
     if not 1 <= request.topk <= 20:
         raise UserError("top-k must be between 1 and 20")
+    check_engine(request.engine, request.address, request.num_gpus)
+
+
+def check_engine(engine: str, address: str | None, num_gpus: float | None) -> None:
+    if engine not in ENGINES:
+        raise UserError(f"engine must be one of {', '.join(ENGINES)}")
+    if engine == "local" and cluster.resolve_address(address) != cluster.LOCAL:
+        raise UserError(f"--engine local runs on this machine, not on the Ray cluster at {cluster.resolve_address(address)!r}")
+    if engine == "local" and num_gpus:
+        raise UserError("--engine local runs on CPUs; GPUs need Ray (--engine ray)")
+
+
+def engine_for(engine: str, address: str | None, num_gpus: float | None, images: int) -> str:
+    """``ray`` or ``local`` for a run of ``images``: ``auto`` is local for small CPU runs on this machine."""
+    if engine != "auto":
+        return engine
+    on_this_machine = cluster.resolve_address(address) == cluster.LOCAL
+    wants_gpu = num_gpus > 0 if num_gpus is not None else local.has_gpu()
+    return "local" if on_this_machine and not wants_gpu and images <= LOCAL_MAX_IMAGES else "ray"
+
+
+def resources_for(engine: str, address: str | None) -> cluster.ClusterInfo:
+    return local.machine() if engine == "local" else cluster.connect(address)
 
 
 def label_inputs(listing: Listing, categories) -> pa.Table:
@@ -153,12 +182,16 @@ def start(request: RunRequest) -> tuple[Path, Source]:
     ray.init waits seconds on the processes it starts (8 s on a 16-CPU GPU machine), and listing a
     big bucket takes seconds too (a local folder of 600,000 files: 2–2.5 s on 2 cores, labels
     included), so they overlap.
-    Ray must start on the main thread: its processes die with the thread that started them.
+    Ray must start on the main thread: its processes die with the thread that started them. A run that
+    may go without Ray (``engine_for``) waits for the count before it decides.
     """
     info, source, out = preflight(request)
     inputs_ready = in_background(lambda: _labelled_inputs(source, request.limit, info.categories))
-    resources = cluster.connect(request.address)
+    if engine_for(request.engine, request.address, request.num_gpus, 0) == "ray":
+        cluster.connect(request.address)
     skipped, inputs = inputs_ready()
+    engine = engine_for(request.engine, request.address, request.num_gpus, inputs.num_rows)
+    resources = resources_for(engine, request.address)
     plan(inputs.num_rows, resources.cpus, resources.gpus, request.batch_size, request.concurrency, request.num_gpus, resources.node_cpus)
     run_id = request.run_id or runs.new_run_id(request.model.display_name)
     path = runs.run_dir(out, run_id)
@@ -178,6 +211,7 @@ def start(request: RunRequest) -> tuple[Path, Source]:
             request.s3_endpoint,
             request.topk,
             request.precision,
+            request.engine,
         ),
         counts=Counts(inputs=inputs.num_rows, skipped=skipped),
     )
@@ -281,17 +315,28 @@ def execute(path: Path, on_progress: ProgressCallback | None = None, source: Sou
         report(force=True)
         if todo.num_rows:
             source = source or open_source(manifest.dataset, manifest.params.s3_endpoint)
-            info = cluster.connect(manifest.params.address)
             params = manifest.params
+            manifest.engine = engine_for(params.engine, params.address, params.num_gpus, todo.num_rows)
+            info = resources_for(manifest.engine, params.address)
             work = plan(todo.num_rows, info.cpus, info.gpus, params.batch_size, params.concurrency, params.num_gpus, info.node_cpus)
             device = "cuda" if work.num_gpus else "cpu"
             precision = resolve_precision(params.precision, device, spec.name)
-            manifest.device = f"{work.concurrency}× {device.upper()} actor(s), {precision}, batch {work.batch_size}, on {info.address}"
+            workers, place = (
+                ("worker process(es)", "on this machine, without Ray")
+                if manifest.engine == "local"
+                else ("actor(s)", f"on Ray ({info.address})")
+            )
+            manifest.device = f"{work.concurrency}× {device.upper()} {workers}, {precision}, batch {work.batch_size}, {place}"
             progress.started_s = progress.elapsed_s
-            categories = describe(spec).categories
-            label_set_indices = [categories.index(name) for name in manifest.label_set or ()]
-            dataset = build_dataset(todo, source, spec, work, params.topk, params.precision, label_set_indices)
-            for batch in dataset.iter_batches(batch_format="pyarrow", batch_size=None, prefetch_batches=1):
+            model = describe(spec)
+            label_set_indices = tuple(model.categories.index(name) for name in manifest.label_set or ())
+            if manifest.engine == "local":
+                options = PredictorOptions(model, params.topk, params.precision, work.threads, label_set_indices, source)
+                batches = local.predictions(todo, options, work.concurrency, work.batch_size, stop)
+            else:
+                dataset = build_dataset(todo, source, spec, work, params.topk, params.precision, label_set_indices)
+                batches = dataset.iter_batches(batch_format="pyarrow", batch_size=None, prefetch_batches=1)
+            for batch in batches:
                 batch = _first_sightings(batch, seen)
                 failed = pc.is_valid(batch.column("error"))
                 errors = batch.filter(failed).select(["path", "error"])
@@ -348,11 +393,11 @@ def _finish(path: Path, manifest: Manifest, report) -> None:
         report(force=True)
 
 
-def resume(path: Path, on_progress: ProgressCallback | None = None, address: str | None = None) -> Manifest:
+def resume(path: Path, on_progress: ProgressCallback | None = None, address: str | None = None, engine: str | None = None) -> Manifest:
     """Finish an interrupted, failed or cancelled run, predicting only what it lacks.
 
     ``address`` moves the rest of the run to another Ray cluster (``local`` for this machine),
-    for when the one it started on has gone away.
+    for when the one it started on has gone away; ``engine`` overrides the run's.
     """
     manifest = runs.read_manifest(path)
     if manifest.status == "running":
@@ -363,6 +408,12 @@ def resume(path: Path, on_progress: ProgressCallback | None = None, address: str
     manifest.resumed += 1
     if address:
         manifest.params.address = address
+        if engine is None and manifest.params.engine == "local":
+            manifest.params.engine = "auto"  # moved to a cluster: auto picks Ray there
+    if engine:
+        manifest.params.engine = engine
+    params = manifest.params
+    check_engine(params.engine, params.address, params.num_gpus)
     runs.write_manifest(path, manifest)
     return execute(path, on_progress)
 

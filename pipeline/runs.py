@@ -126,6 +126,9 @@ def unmatched_truth(truths: pa.ChunkedArray | pa.Array, categories: Sequence[str
     return UnmatchedTruth(sum(n for n, _ in unmatched), len(unmatched), [name for _, name in unmatched[:MAX_UNMATCHED_NAMES]])
 
 
+ENGINES = ("auto", "ray", "local")
+
+
 @dataclass
 class RunParams:
     batch_size: int | None  # None: chosen for the device when the run starts
@@ -136,6 +139,7 @@ class RunParams:
     s3_endpoint: str | None
     topk: int = 5
     precision: str = "auto"
+    engine: str = "auto"  # auto, ray or local (runner.engine_for)
 
 
 @dataclass
@@ -153,6 +157,7 @@ class Manifest:
     elapsed_s: float = 0.0
     images_per_s: float | None = None
     device: str | None = None
+    engine: str | None = None  # what ran it: "ray" (Ray Data) or "local" (worker processes, pipeline.local)
     reason: str | None = None
     pid: int | None = None
     pid_started: float | None = None

@@ -38,9 +38,11 @@ def test_run_prints_progress_and_the_run_folder_last(small_folder, tmp_path):
     assert ray_servers() <= before, "the CLI's local Ray outlived it"
 
 
-def test_no_process_of_the_clis_local_ray_outlives_it(small_folder, tmp_path):
-    """Its workers are killed, not left tearing down torch on the CPUs after the command returned."""
-    command = [sys.executable, "-m", "pipeline", "run", "--data", str(small_folder), "--out", str(tmp_path / "runs")]
+@pytest.mark.parametrize(("engine", "worker_title"), [("ray", "ray::MapWorker"), ("local", "-c from multiprocessing.spawn import")])
+def test_no_process_of_the_clis_workers_outlives_it(small_folder, tmp_path, engine, worker_title):
+    """Its workers (a local Ray's, or its own processes) are killed, not left tearing down torch on
+    the CPUs after the command returned."""
+    command = [sys.executable, "-m", "pipeline", "run", "--data", str(small_folder), "--out", str(tmp_path / "runs"), "--engine", engine]
     cli = psutil.Popen(command, cwd=ROOT, env=cli_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     descendants: dict[int, psutil.Process] = {}
     titles: dict[int, str] = {}  # Ray renames a worker once it holds an actor: keep the latest
@@ -51,7 +53,7 @@ def test_no_process_of_the_clis_local_ray_outlives_it(small_folder, tmp_path):
                 titles[process.pid] = " ".join(process.cmdline())
         time.sleep(0.05)
     assert cli.returncode == 0
-    assert any(title.startswith("ray::MapWorker") for title in titles.values())  # the model actors were seen
+    assert any(worker_title in title for title in titles.values())  # the model's workers were seen
     time.sleep(0.3)  # a killed process may take a moment to leave the kernel
 
     def running(process: psutil.Process) -> bool:
@@ -92,6 +94,8 @@ def test_models_lists_the_embedded_default_as_offline():
         (["frobnicate"], "invalid choice"),
         (["resume", "/no/such/run"], "not a run folder"),
         (["run", "--concurrency", "64"], "exceeds the cluster's"),
+        (["run", "--engine", "warp"], "invalid choice"),
+        (["run", "--engine", "local", "--address", "10.0.0.5:6379"], "--engine local runs on this machine"),
     ],
 )
 def test_bad_input_exits_2_with_one_line(args, message):

@@ -102,6 +102,8 @@ def test_run_page_disables_gpus_without_a_gpu_and_lists_runs(runs_dir):
     assert not at.exception
     gpus = next(n for n in at.number_input if n.label == "GPUs per actor")
     assert gpus.disabled and gpus.value is None and gpus.placeholder == "no GPU"
+    engine = next(s for s in at.selectbox if s.label == "Engine")
+    assert engine.value == "auto" and engine.options[0].startswith("auto: local processes")
     table = [element for element in at.main if type(element).__name__ == "Dataframe"][-1].value
     assert list(table["run"]) == ["20260101-000000-demo"] and table["status"][0] == "complete"
 

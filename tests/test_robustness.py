@@ -120,16 +120,13 @@ def assert_exactly_once(path: Path) -> None:
     assert manifest.counts.predicted == len(predicted) and manifest.counts.done == manifest.counts.inputs == 200
 
 
-def test_a_killed_ray_worker_loses_nothing(tmp_path):
-    process = start_cli_run(tmp_path)
+@pytest.mark.parametrize(("engine", "worker_title"), [("ray", "ray::MapWorker"), ("local", "multiprocessing.spawn import spawn_main")])
+def test_a_killed_worker_loses_nothing(tmp_path, engine, worker_title):
+    process = start_cli_run(tmp_path, "--engine", engine)
     try:
         wait_for_progress(tmp_path, 8)
-        workers = [
-            p
-            for p in psutil.Process(process.pid).children(recursive=True)
-            if "MapWorker" in " ".join(p.cmdline()) or p.name().startswith("ray::MapWorker")
-        ]
-        assert workers, "no model actor process found to kill"
+        workers = [p for p in psutil.Process(process.pid).children(recursive=True) if worker_title in " ".join(p.cmdline())]
+        assert workers, "no model worker process found to kill"
         for worker in workers:
             worker.send_signal(signal.SIGKILL)
         stdout, stderr = process.communicate(timeout=480)
@@ -140,17 +137,25 @@ def test_a_killed_ray_worker_loses_nothing(tmp_path):
     assert_exactly_once(Path(stdout.strip().splitlines()[-1]))
 
 
-def test_a_killed_driver_reads_as_interrupted_and_resumes_without_duplicates(tmp_path):
-    process = start_cli_run(tmp_path)
+# Locally, one worker on batches of one image: at full speed the 200 images are done about a second
+# after the first predictions are written, too soon to kill the driver mid-run.
+@pytest.mark.parametrize(
+    "engine", [("--engine", "ray"), ("--engine", "local", "--concurrency", "1", "--batch-size", "1")], ids=["ray", "local"]
+)
+def test_a_killed_driver_reads_as_interrupted_and_resumes_without_duplicates(tmp_path, engine):
+    process = start_cli_run(tmp_path, *engine)
     try:
         path = wait_for_progress(tmp_path, 16)
+        workers = psutil.Process(process.pid).children(recursive=True)
         os.kill(process.pid, signal.SIGKILL)
         process.wait(timeout=30)
     finally:
         if process.poll() is None:
             os.killpg(process.pid, signal.SIGKILL)
-    if _group_alive(process.pid):
-        time.sleep(1)
+    time.sleep(1)
+    if "local" in engine:  # its workers die with it
+        assert not [worker for worker in workers if _running(worker)]
+    elif _group_alive(process.pid):
         os.killpg(process.pid, signal.SIGKILL)  # what is left of the dead driver's local Ray
     manifest = runs.read_manifest(path)
     assert manifest.status == "interrupted" and 0 < manifest.counts.done < 200
@@ -158,6 +163,13 @@ def test_a_killed_driver_reads_as_interrupted_and_resumes_without_duplicates(tmp
     assert result.returncode == 0, result.stderr
     assert_exactly_once(path)
     assert runs.read_manifest(path).resumed == 1
+
+
+def _running(process: psutil.Process) -> bool:
+    try:
+        return process.status() != psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return False
 
 
 def _group_alive(pgid: int) -> bool:

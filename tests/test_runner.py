@@ -1,4 +1,5 @@
-"""Runs through real Ray (started in this process) with the real embedded model and real images."""
+"""Runs through real Ray (started in this process) and real local worker processes, with the real
+embedded model and real images."""
 
 import json
 import os
@@ -9,10 +10,10 @@ import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 import pytest
 
-from pipeline import runs
+from pipeline import local, runner, runs
 from pipeline.errors import UserError
 from pipeline.models import ModelSpec
-from pipeline.runner import RunRequest, execute, in_background, label_inputs, resume, run, start
+from pipeline.runner import RunRequest, engine_for, execute, in_background, label_inputs, resume, run, start
 from pipeline.sources import Listing, Source
 
 from .conftest import ROOT
@@ -22,11 +23,12 @@ def read_all(path):
     return runs.read_predictions(path).to_pylist(), runs.read_errors(path).to_pylist()
 
 
-def test_run_accounts_for_every_input_and_writes_the_manifest(small_folder, tmp_path):
+@pytest.mark.parametrize("engine", ["local", "ray"])
+def test_run_accounts_for_every_input_and_writes_the_manifest(small_folder, tmp_path, engine):
     (small_folder / "README.txt").write_text("not an image")
     (small_folder / "n01440764" / "broken.jpg").write_bytes(b"\xff\xd8\xff garbage")
     (small_folder / "loose.png").write_bytes((small_folder.parent / "images" / "n01440764").iterdir().__next__().read_bytes())
-    path, manifest = run(RunRequest(data=str(small_folder), out=str(tmp_path / "runs"), batch_size=4))
+    path, manifest = run(RunRequest(data=str(small_folder), out=str(tmp_path / "runs"), batch_size=4, engine=engine))
 
     predictions, errors = read_all(path)
     inputs = [str(p) for p in small_folder.rglob("*") if p.suffix.lower() in (".jpeg", ".jpg", ".png")]
@@ -39,7 +41,7 @@ def test_run_accounts_for_every_input_and_writes_the_manifest(small_folder, tmp_
     assert on_disk["counts"] == {"inputs": 11, "predicted": 10, "failed": 1, "skipped": 1}
     assert on_disk["model"]["name"] == "efficientnet_lite0" and on_disk["dataset"] == str(small_folder)
     assert on_disk["finished_at"] and on_disk["elapsed_s"] > 0 and on_disk["images_per_s"] > 0
-    assert on_disk["params"]["batch_size"] == 4
+    assert on_disk["params"]["batch_size"] == 4 and on_disk["params"]["engine"] == engine == on_disk["engine"]
     assert on_disk["unmatched_truth"] is None  # every folder names a class of the model
 
     loose = next(r for r in predictions if r["path"].endswith("loose.png"))
@@ -65,8 +67,9 @@ def test_run_accounts_for_every_input_and_writes_the_manifest(small_folder, tmp_
     assert on_disk["accuracy"]["label_set_top1"] >= on_disk["accuracy"]["top1"]
 
 
-def test_cancel_keeps_rows_and_resume_finishes_without_duplicates(small_folder, tmp_path):
-    path, _ = start(RunRequest(data=str(small_folder), out=str(tmp_path), batch_size=2))
+@pytest.mark.parametrize("engine", ["local", "ray"])
+def test_cancel_keeps_rows_and_resume_finishes_without_duplicates(small_folder, tmp_path, engine):
+    path, _ = start(RunRequest(data=str(small_folder), out=str(tmp_path), batch_size=2, engine=engine))
 
     def cancel_after_first_batch(progress):
         if progress.counts.done:
@@ -78,10 +81,31 @@ def test_cancel_keeps_rows_and_resume_finishes_without_duplicates(small_folder, 
     assert 0 < partial < 9
     assert len(runs.read_predictions(path)) == manifest.counts.predicted
 
-    manifest = resume(path)
-    assert manifest.status == "complete" and manifest.resumed == 1
+    other = "ray" if engine == "local" else "local"
+    manifest = resume(path, engine=other)  # the rest on the other engine
+    assert manifest.status == "complete" and manifest.resumed == 1 and manifest.engine == other
     paths = runs.read_predictions(path).column("path").to_pylist()
     assert len(paths) == len(set(paths)) == 9 == manifest.counts.predicted
+
+
+def test_auto_runs_small_cpu_runs_without_ray_and_bigger_ones_on_ray(small_folder, tmp_path, monkeypatch):
+    if local.has_gpu():
+        pytest.skip("this machine has a GPU: auto sends every run there, through Ray")
+    _, manifest = run(RunRequest(data=str(small_folder), out=str(tmp_path)))
+    assert manifest.engine == "local" and manifest.device == "1× CPU worker process(es), fp32, batch 64, on this machine, without Ray"
+    monkeypatch.setattr(runner, "LOCAL_MAX_IMAGES", 8)  # 9 images: one too many
+    _, manifest = run(RunRequest(data=str(small_folder), out=str(tmp_path)))
+    assert manifest.engine == "ray" and manifest.device.endswith("on Ray (local)")
+
+
+def test_the_engine_follows_the_address_gpus_and_size():
+    cpu_only = "ray" if local.has_gpu() else "local"
+    assert engine_for("auto", None, None, 100) == cpu_only
+    assert engine_for("auto", None, 0.0, 100) == "local"  # CPUs asked for
+    assert engine_for("auto", None, 0.5, 100) == "ray"  # GPUs need Ray
+    assert engine_for("auto", "10.0.0.5:6379", 0.0, 100) == "ray"  # a cluster
+    assert engine_for("auto", None, 0.0, runner.LOCAL_MAX_IMAGES + 1) == "ray"
+    assert engine_for("ray", None, 0.0, 1) == "ray" and engine_for("local", None, None, 10**6) == "local"
 
 
 def test_a_dead_owner_process_reads_as_interrupted_and_can_be_resumed(small_folder, tmp_path):
@@ -112,6 +136,9 @@ def test_limit_takes_a_reproducible_sample(tmp_path):
         (dict(limit=0), "limit"),
         (dict(data="/nonexistent/folder"), "not found"),
         (dict(concurrency=-1), "concurrency"),
+        (dict(engine="warp"), "engine must be one of auto, ray, local"),
+        (dict(engine="local", address="10.0.0.5:6379"), "--engine local runs on this machine, not on the Ray cluster at '10.0.0.5:6379'"),
+        (dict(engine="local", num_gpus=1.0), "GPUs need Ray"),
     ],
 )
 def test_bad_requests_fail_before_a_run_folder_exists(tmp_path, request_, message):
@@ -163,7 +190,8 @@ def test_torchvision_model_run_through_ray(torch_home, small_folder, tmp_path, m
 
     ray.shutdown()  # workers must see the temporary TORCH_HOME
     try:
-        _path, manifest = run(RunRequest(data=str(small_folder), out=str(tmp_path), model=ModelSpec("resnet18", "IMAGENET1K_V1"), limit=4))
+        request = RunRequest(data=str(small_folder), out=str(tmp_path), model=ModelSpec("resnet18", "IMAGENET1K_V1"), limit=4, engine="ray")
+        _path, manifest = run(request)
         assert manifest.status == "complete" and manifest.counts.predicted == 4
         assert manifest.model["name"] == "resnet18"
     finally:

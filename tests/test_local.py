@@ -1,0 +1,113 @@
+"""The local engine: real worker processes with the real embedded model on real images, killed for real."""
+
+import dataclasses
+import threading
+
+import psutil
+import pyarrow as pa
+import pytest
+
+from pipeline import local, runs
+from pipeline.errors import UserError
+from pipeline.inference import PredictorOptions
+from pipeline.models import ModelSpec, describe
+from pipeline.runner import RunRequest, execute, run, start
+from pipeline.sources import open_source
+
+
+def workers() -> list[psutil.Process]:
+    """This test process's pool workers (not multiprocessing's resource tracker)."""
+    found = []
+    for child in psutil.Process().children(recursive=True):
+        try:
+            if "spawn_main" in " ".join(child.cmdline()):
+                found.append(child)
+        except psutil.Error:
+            pass
+    return found
+
+
+def inputs_of(folder) -> pa.Table:
+    paths = sorted(str(p) for p in folder.rglob("*.JPEG"))
+    return pa.table({"path": paths, "ground_truth": [None] * len(paths)})
+
+
+def options_for(folder) -> PredictorOptions:
+    return PredictorOptions(describe(ModelSpec()), threads=1, source=open_source(str(folder)))
+
+
+def test_local_and_ray_engines_give_the_same_predictions(small_folder, tmp_path):
+    rows = {}
+    for engine in ("local", "ray"):
+        path, manifest = run(RunRequest(data=str(small_folder), out=str(tmp_path / engine), batch_size=4, engine=engine))
+        assert manifest.status == "complete" and manifest.engine == engine
+        rows[engine] = {row["path"]: row for row in runs.read_predictions(path).to_pylist()}
+    assert rows["local"].keys() == rows["ray"].keys() and len(rows["local"]) == 9
+    for image, row in rows["local"].items():
+        other = rows["ray"][image]
+        assert row["topk_labels"] == other["topk_labels"]
+        assert row["topk_scores"] == pytest.approx(other["topk_scores"], abs=1e-5)
+        assert row["label_set_scores"] == pytest.approx(other["label_set_scores"], abs=1e-5)
+
+
+def test_a_worker_killed_mid_run_is_replaced_and_every_image_is_predicted_once(small_folder, tmp_path):
+    path, _ = start(RunRequest(data=str(small_folder), out=str(tmp_path), batch_size=1, engine="local"))
+    killed = []
+
+    def kill_one_worker(progress):
+        if progress.counts.done and not killed:
+            killed.append(workers()[0].pid)
+            psutil.Process(killed[0]).kill()
+
+    manifest = execute(path, kill_one_worker)
+    assert killed and manifest.status == "complete"
+    paths = runs.read_predictions(path).column("path").to_pylist()
+    assert len(paths) == len(set(paths)) == 9 == manifest.counts.predicted and manifest.counts.failed == 0
+
+
+def test_a_batch_whose_workers_keep_dying_comes_back_as_error_rows(small_folder):
+    """Every worker is killed as soon as it appears, so the one block is in flight at every death."""
+    inputs = inputs_of(small_folder).slice(0, 2)
+    done = threading.Event()
+
+    def kill_workers():
+        while not done.is_set():
+            for worker in workers():
+                worker.kill()
+            done.wait(0.05)
+
+    killer = threading.Thread(target=kill_workers, daemon=True)
+    killer.start()
+    try:
+        rows = pa.concat_tables(local.predictions(inputs, options_for(small_folder), 1, 2, lambda: False)).to_pylist()
+    finally:
+        done.set()
+        killer.join()
+    assert [row["path"] for row in rows] == inputs.column("path").to_pylist()
+    for row in rows:
+        assert row["label"] is None and f"a worker process died {local.MAX_ATTEMPTS} times" in row["error"]
+
+
+def test_stopping_ends_the_run_early_and_no_worker_outlives_it(small_folder):
+    inputs = inputs_of(small_folder)
+    seen = []
+    for block in local.predictions(inputs, options_for(small_folder), 2, 1, lambda: True):
+        seen.append(block.num_rows)
+        assert workers()  # still running while blocks come back
+    assert seen == [1] or seen == [1, 1]  # the first wait may return both workers' first blocks
+    assert not workers()
+
+
+def test_a_model_that_cannot_load_in_the_workers_is_one_clear_error(small_folder, tmp_path):
+    missing = tmp_path / "gone.pt"
+    info = describe(ModelSpec())
+    info = dataclasses.replace(info, spec=ModelSpec("custom", checkpoint=str(missing)), weights_path=str(missing))
+    options = PredictorOptions(info, threads=1, source=open_source(str(small_folder)))
+    with pytest.raises(UserError, match=r"the model could not be loaded in a worker process: .*gone\.pt"):
+        list(local.predictions(inputs_of(small_folder), options, 1, 4, lambda: False))
+    assert not workers()
+
+
+def test_this_machine_has_its_cpus_and_no_gpus():
+    machine = local.machine()
+    assert machine.cpus == len(psutil.Process().cpu_affinity()) and machine.gpus == 0
