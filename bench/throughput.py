@@ -1,21 +1,23 @@
 """Throughput and memory, in one invocation, on one folder and model:
 
-(a) Ray's tutorial pipeline as written  (b) this project's pipeline as the CLI runs it
-(c) the model's forward pass alone on pre-decoded crops, exactly as the project's actors run it
-    (on a CPU: as many processes as the pipeline has actors, each with its threads, running the frozen
+(a) Ray's tutorial pipeline as written  (b) this project's pipeline as the CLI runs it (``--engine auto``:
+    on this machine's CPUs, up to 20,000 images, local worker processes without Ray)
+(r) the same run on Ray Data (``--engine ray``), what (b) is for bigger runs, GPUs and clusters
+(c) the model's forward pass alone on pre-decoded crops, exactly as the project's workers run it
+    (on a CPU: as many processes as the pipeline has workers, each with its threads, running the frozen
     graph on micro-batches, all at once), at the same batch size: the limit for (b)
-(d) a plain PyTorch DataLoader loop with the same decoding and forward pass (what Ray costs)
+(d) a plain PyTorch DataLoader loop with the same decoding and forward pass (a user's alternative)
 
-Whole processes for (a), (b), (d): start-up included, as a user experiences it. This VM's speed
-drifts by tens of percent within minutes, so (b), (c) and (d) run side by side in a mirrored order
-(c b d d b c for ``--pairs 2``) and each is averaged: a ratio then compares runs made at the same
+Whole processes for (a), (b), (r), (d): start-up included, as a user experiences it. This VM's speed
+drifts by tens of percent within minutes, so (b), (r), (c) and (d) run side by side in a mirrored order
+(c b r d d r b c for ``--pairs 2``) and each is averaged: a ratio then compares runs made at the same
 time, and a steady drift cancels. Every single measurement is printed too. The cache of frozen
 graphs starts empty; a fresh process times its way to a first prediction while building the model's
 graph (what a model's first run on a machine pays once), a second one loading it; (b) and (d) then
 load it, as every later run does. Peak RSS is the largest sum over the process tree (driver plus
 Ray's workers). Ratios are what to compare across machines. ``--rss-images 1000,10000`` also runs
-(b) on the folder repeated (hard links) to each count and prints the peak of each, as summed RSS and as
-summed PSS (shared pages counted once). Usage:
+(b) and (r) on the folder repeated (hard links) to each count and prints the peak of each, as summed RSS
+and as summed PSS (shared pages counted once). Usage:
 
     python bench/throughput.py [--data DIR] [--models resnet50,efficientnet_lite0] [--batch-size 64] [--pairs 2]
 """
@@ -181,7 +183,7 @@ def project_run(data: str, model: str, work: Path, env: dict, *extra: str, on_ti
 def timed_project_run(data: str, model: str, work: Path, env: dict, run_id: str, *extra: str, track_pss: bool = False) -> dict:
     """(b) as ``project_run``, plus when its first predictions were written and its steady rate from
     then on, both read from the run's manifest (its counts, rewritten at least once a second while
-    batches arrive) every 0.2 s: how long Ray took to start, and how fast it then went."""
+    batches arrive) every 0.2 s: how long the run took to start, and how fast it then went."""
     manifest_path = work / "runs" / run_id / "manifest.json"
     ticks: list[tuple[float, int]] = []
 
@@ -217,7 +219,7 @@ def main() -> None:
     parser.add_argument("--data", default=str(SHARED) if SHARED.is_dir() else str(ROOT / "pipeline" / "sample_data" / "imagenette"))
     parser.add_argument("--models", default="resnet50,efficientnet_lite0")
     parser.add_argument("--batch-size", type=int, default=64)
-    parser.add_argument("--skip", default="", help="comma-separated variants to skip (a,c,d,ref)")
+    parser.add_argument("--skip", default="", help="comma-separated variants to skip (a,c,d,r,ref)")
     parser.add_argument("--pairs", type=int, default=2, help="runs each of (b) and (d), side by side in mirrored order")
     parser.add_argument("--agreement-images", type=int, default=1000, help="images for the bf16-vs-fp32 check (0: skip)")
     parser.add_argument("--rss-images", default="", help="comma-separated image counts for the peak-RSS scaling check, e.g. 1000,10000")
@@ -254,11 +256,14 @@ def main() -> None:
         for variant in mirrored(args.pairs, skip):
             if variant == "c":
                 rate = forward_only(model, files, args.batch_size, precision, layout.concurrency, layout.threads)
-            elif variant == "b":
-                timed = timed_project_run(args.data, model, work, env, f"b-{len(rows)}-{len(taken)}", *batch)
+            elif variant in ("b", "r"):
+                engine = ("--engine", "auto" if variant == "b" else "ray")
+                timed = timed_project_run(args.data, model, work, env, f"{variant}-{len(rows)}-{len(taken)}", *batch, *engine)
                 rate = n / timed["seconds"]
-                result["b_rss"], result["run_dir"] = max(timed["rss"], result.get("b_rss", 0.0)), timed["run_dir"]
-                result.setdefault("b_timeline", []).append((timed["first_predictions_s"], timed["steady"]))
+                result[f"{variant}_rss"] = max(timed["rss"], result.get(f"{variant}_rss", 0.0))
+                result[f"{variant}_device"] = timed["device"]
+                result.setdefault("run_dir", timed["run_dir"])
+                result.setdefault(f"{variant}_timeline", []).append((timed["first_predictions_s"], timed["steady"]))
             else:
                 rate = n / measure(loop, env).seconds
             taken.append((variant, rate))
@@ -278,21 +283,24 @@ def main() -> None:
         print(format_row(result), flush=True)
     if args.rss_images:
         rss_scaling(args, files, work, env)
-    print("\nmodel               a img/s  b img/s  c img/s  d img/s   b/a   b/c   b/d  agree  peak RSS b (GiB)")
+    print("\nmodel               a img/s  b img/s  c img/s  d img/s  r img/s   b/a   b/c   b/d   b/r   r/d  agree  peak RSS b, r (GiB)")
     for result in rows:
         print(format_row(result))
     for result in rows:
         taken = ", ".join(f"({variant}) {rate:.1f}" for variant, rate in result["taken"])
         print(f"{result['model']}: each measurement in the order taken, img/s: {taken}")
     for result in rows:
-        first, steady = (float(np.mean(values)) for values in zip(*result["b_timeline"], strict=True))
-        then = "too few batches to time a steady rate" if math.isnan(steady) else f"then ran {steady:.1f} img/s steady"
-        if "c" in result and not math.isnan(steady):
-            then += f" = {steady / result['c']:.2f} of (c)"
-        print(
-            f"{result['model']}: (b) wrote its first predictions {first:.1f} s after the command started; {then} "
-            f"(means of {len(result['b_timeline'])} runs)"
-        )
+        for variant in ("b", "r"):
+            if f"{variant}_timeline" not in result:
+                continue
+            first, steady = (float(np.mean(values)) for values in zip(*result[f"{variant}_timeline"], strict=True))
+            then = "too few batches to time a steady rate" if math.isnan(steady) else f"then ran {steady:.1f} img/s steady"
+            if "c" in result and not math.isnan(steady):
+                then += f" = {steady / result['c']:.2f} of (c)"
+            print(
+                f"{result['model']}: ({variant}) ran as {result[f'{variant}_device']}; it wrote its first predictions {first:.1f} s "
+                f"after the command started; {then} (means of {len(result[f'{variant}_timeline'])} runs)"
+            )
     for result in rows:
         if "c_eager" in result:
             print(
@@ -316,24 +324,27 @@ def main() -> None:
 
 
 def mirrored(pairs: int, skip: set[str]) -> list[str]:
-    """The order of the side-by-side measurements: (c) first and last, (b) and (d) alternating in
-    mirrored pairs (c b d d b c), so that a drift that is steady over the block weighs on each alike."""
-    middle = [variant for i in range(pairs) for variant in (("b", "d") if i % 2 == 0 else ("d", "b")) if variant not in skip]
+    """The order of the side-by-side measurements: (c) first and last, (b), (r) and (d) in mirrored
+    pairs (c b r d d r b c), so that a drift that is steady over the block weighs on each alike."""
+    middle = [variant for i in range(pairs) for variant in (("b", "r", "d") if i % 2 == 0 else ("d", "r", "b")) if variant not in skip]
     ends = [] if "c" in skip else ["c"]
     return ends + middle + ends
 
 
 def rss_scaling(args, files: list[str], work: Path, env: dict) -> None:
-    """Peak RSS of (b) with the dataset repeated to each count: memory must not grow with the dataset."""
+    """Peak RSS of (b) and (r) with the dataset repeated to each count: memory must not grow with the dataset."""
     model = args.models.split(",")[-1]
     for count in (int(c) for c in args.rss_images.split(",")):
         folder = repeat_folder(files, count, work / f"repeat-{count}")
-        measured, _ = project_run(str(folder), model, work, env, "--batch-size", str(args.batch_size), track_pss=True)
-        print(
-            f"{model} on {count} images: {count / measured.seconds:.1f} img/s, peak of the whole run {measured.rss:.2f} GiB "
-            f"summed RSS, {measured.pss:.2f} GiB summed PSS",
-            flush=True,
-        )
+        for variant, engine in (("b", "auto"), ("r", "ray")):
+            measured, _ = project_run(
+                str(folder), model, work, env, "--batch-size", str(args.batch_size), "--engine", engine, track_pss=True
+            )
+            print(
+                f"{model} ({variant}) on {count} images: {count / measured.seconds:.1f} img/s, peak of the whole run "
+                f"{measured.rss:.2f} GiB summed RSS, {measured.pss:.2f} GiB summed PSS",
+                flush=True,
+            )
 
 
 def repeat_folder(files: list[str], count: int, folder: Path) -> Path:
@@ -368,8 +379,8 @@ def format_row(r: dict) -> str:
         return f"{r[top] / r[bottom]:5.2f}" if top in r and bottom in r else "    -"
 
     return (
-        f"{r['model']:<18} {num('a')} {num('b')} {num('c')} {num('d')}  {ratio('b', 'a')} {ratio('b', 'c')} "
-        f"{ratio('b', 'd')}  {r['agreement']:.1%}  {r.get('b_rss', 0):.2f}"
+        f"{r['model']:<18} {num('a')} {num('b')} {num('c')} {num('d')} {num('r')}  {ratio('b', 'a')} {ratio('b', 'c')} "
+        f"{ratio('b', 'd')} {ratio('b', 'r')} {ratio('r', 'd')}  {r['agreement']:.1%}  {r.get('b_rss', 0):.2f}, {r.get('r_rss', 0):.2f}"
     )
 
 
