@@ -20,6 +20,7 @@ from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wai
 from concurrent.futures.process import BrokenProcessPool
 from pathlib import Path
 
+import numpy as np
 import pyarrow as pa
 
 from .cluster import LOCAL, ClusterInfo
@@ -69,10 +70,16 @@ def _start_worker(driver: int, options: PredictorOptions) -> None:
         _start_failure = f"the model could not be loaded in a worker process: {one_line(error)}"
 
 
-def _predict(block: pa.Table) -> pa.Table:
+def _predict(paths: list[str], truths: list[str | None]) -> pa.Table:
     if _predictor is None:
         raise UserError(_start_failure or "the worker process has no model")
-    return _predictor({name: block.column(name).to_numpy(zero_copy_only=False) for name in ("path", "ground_truth")})
+    return _predictor({"path": np.array(paths, dtype=object), "ground_truth": np.array(truths, dtype=object)})
+
+
+def _block(inputs: pa.Table, start: int, rows: int) -> tuple[list[str], list[str | None]]:
+    """A block's paths and ground truths as lists: a pickled Arrow slice would carry the whole table."""
+    block = inputs.slice(start, rows)
+    return block.column("path").to_pylist(), block.column("ground_truth").to_pylist()
 
 
 def predictions(inputs: pa.Table, options: PredictorOptions, workers: int, block_rows: int, stop: Callable[[], bool]) -> Iterator[pa.Table]:
@@ -95,7 +102,7 @@ def predictions(inputs: pa.Table, options: PredictorOptions, workers: int, block
                 while todo and len(pending) < BLOCKS_PER_WORKER * workers:
                     start = todo.popleft()
                     attempts[start] = attempts.get(start, 0) + 1
-                    pending[pool.submit(_predict, inputs.slice(start, block_rows))] = start
+                    pending[pool.submit(_predict, *_block(inputs, start, block_rows))] = start
                 done, _ = wait(pending, return_when=FIRST_COMPLETED)
                 broken = None
                 for future in done:
@@ -119,9 +126,8 @@ def _give_up(inputs: pa.Table, block_rows: int, todo: deque[int], attempts: dict
     """Error rows for the blocks in ``todo`` that were in flight ``MAX_ATTEMPTS`` times when a worker died."""
     for start in [start for start in todo if attempts.get(start, 0) >= MAX_ATTEMPTS]:
         todo.remove(start)
-        block = inputs.slice(start, block_rows)
         reason = f"a worker process died {MAX_ATTEMPTS} times while this batch was being predicted ({one_line(error)})"
-        yield failure_rows(block.column("path").to_pylist(), block.column("ground_truth").to_pylist(), reason)
+        yield failure_rows(*_block(inputs, start, block_rows), reason)
 
 
 def _kill(pool: ProcessPoolExecutor) -> None:
