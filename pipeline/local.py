@@ -29,7 +29,7 @@ from .inference import Predictor, PredictorOptions, failure_rows
 
 BLOCKS_PER_WORKER = 2  # in flight: one being predicted, one waiting, so a worker never idles between blocks
 PR_SET_PDEATHSIG = 1  # prctl(2): the signal this process gets when its parent ends
-MAX_ATTEMPTS = 3  # worker deaths a block may be in flight for before its images are listed as failed
+MAX_WORKER_DEATHS = 3  # deaths of a worker predicting a block alone, before the block's images are listed as failed
 
 _predictor: Predictor | None = None  # the worker process's own, loaded once by _start_worker
 _start_failure: str | None = None
@@ -87,46 +87,59 @@ def predictions(inputs: pa.Table, options: PredictorOptions, workers: int, block
 
     At most ``BLOCKS_PER_WORKER`` blocks per worker are in flight, so memory does not grow with the
     dataset. ``stop`` is checked as each block comes back. A worker that dies (killed for memory, a
-    crash in a decoder) breaks the pool: a new one takes the blocks that were in flight, and a block
-    in flight at ``MAX_ATTEMPTS`` such deaths comes back as error rows, so a run always ends. However
-    the iteration ends, the workers are killed: they hold nothing to save, and a worker left to exit by
-    itself spends seconds tearing down torch on CPUs the next run may need.
+    crash in a decoder) breaks the pool, and a new pool takes over. The blocks that were in flight then
+    become suspects, predicted one at a time: one that still kills its worker alone is the cause, and
+    comes back as error rows at its ``MAX_WORKER_DEATHS``-th death, so a run always ends and no other
+    block shares its fate. However the iteration ends, the workers are killed: they hold nothing to
+    save, and a worker left to exit by itself spends seconds tearing down torch on CPUs the next run may need.
     """
     todo = deque(range(0, inputs.num_rows, block_rows))
-    attempts: dict[int, int] = {}
-    while todo:
+    suspects: deque[int] = deque()
+    deaths: dict[int, int] = {}
+    while todo or suspects:
         pool = ProcessPoolExecutor(workers, multiprocessing.get_context("spawn"), _start_worker, (os.getpid(), options))
         pending: dict[Future, int] = {}
         try:
-            while todo or pending:
-                while todo and len(pending) < BLOCKS_PER_WORKER * workers:
-                    start = todo.popleft()
-                    attempts[start] = attempts.get(start, 0) + 1
-                    pending[pool.submit(_predict, *_block(inputs, start, block_rows))] = start
+            while todo or suspects or pending:
+                if suspects:
+                    if not pending:
+                        pending[pool.submit(_predict, *_block(inputs, suspects[0], block_rows))] = suspects[0]
+                else:
+                    while todo and len(pending) < BLOCKS_PER_WORKER * workers:
+                        start = todo.popleft()
+                        pending[pool.submit(_predict, *_block(inputs, start, block_rows))] = start
                 done, _ = wait(pending, return_when=FIRST_COMPLETED)
-                broken = None
+                lost, broken = [], None
                 for future in done:
                     start = pending.pop(future)
                     try:
-                        yield future.result()
+                        rows = future.result()
                     except BrokenProcessPool as error:
+                        lost.append(start)
                         broken = error
-                        todo.appendleft(start)
+                        continue
+                    if suspects and suspects[0] == start:
+                        suspects.popleft()
+                    yield rows
                 if stop():
                     return
                 if broken is not None:
-                    todo.extendleft(pending.values())
-                    yield from _give_up(inputs, block_rows, todo, attempts, broken)
+                    if suspects:  # it was alone in flight
+                        yield from _count_death(inputs, block_rows, suspects, deaths, broken)
+                    else:
+                        suspects.extend(sorted(lost + list(pending.values())))
                     break
         finally:
             _kill(pool)
 
 
-def _give_up(inputs: pa.Table, block_rows: int, todo: deque[int], attempts: dict[int, int], error: Exception) -> Iterator[pa.Table]:
-    """Error rows for the blocks in ``todo`` that were in flight ``MAX_ATTEMPTS`` times when a worker died."""
-    for start in [start for start in todo if attempts.get(start, 0) >= MAX_ATTEMPTS]:
-        todo.remove(start)
-        reason = f"a worker process died {MAX_ATTEMPTS} times while this batch was being predicted ({one_line(error)})"
+def _count_death(inputs: pa.Table, block_rows: int, suspects: deque[int], deaths: dict[int, int], error: Exception) -> Iterator[pa.Table]:
+    """The first suspect killed its worker alone: at its ``MAX_WORKER_DEATHS``-th death, error rows."""
+    start = suspects[0]
+    deaths[start] = deaths.get(start, 0) + 1
+    if deaths[start] >= MAX_WORKER_DEATHS:
+        suspects.popleft()
+        reason = f"a worker process died {MAX_WORKER_DEATHS} times predicting this batch ({one_line(error)})"
         yield failure_rows(*_block(inputs, start, block_rows), reason)
 
 

@@ -85,7 +85,7 @@ def test_a_batch_whose_workers_keep_dying_comes_back_as_error_rows(small_folder)
         killer.join()
     assert [row["path"] for row in rows] == inputs.column("path").to_pylist()
     for row in rows:
-        assert row["label"] is None and f"a worker process died {local.MAX_ATTEMPTS} times" in row["error"]
+        assert row["label"] is None and f"a worker process died {local.MAX_WORKER_DEATHS} times" in row["error"]
 
 
 def test_stopping_ends_the_run_early_and_no_worker_outlives_it(small_folder):
