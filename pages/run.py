@@ -33,7 +33,14 @@ with st.form("launch"):
     batch_size = c1.number_input(
         "Batch size", min_value=1, max_value=4096, value=None, step=8, placeholder="auto", help="Empty: 64 on CPU, 512 on GPU"
     )
-    concurrency = c2.number_input("Concurrency (model actors; 0 = auto)", min_value=0, max_value=256, value=0, step=1)
+    concurrency = c2.number_input(
+        "Concurrency (0 = auto)",
+        min_value=0,
+        max_value=256,
+        value=0,
+        step=1,
+        help="Model workers (Ray actors or local processes). Auto: two per GPU, or one single-threaded worker per CPU, up to 8",
+    )
     has_gpu = bool(resources and resources["gpus"] >= 1)
     num_gpus = c3.number_input(
         "GPUs per actor",

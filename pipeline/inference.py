@@ -5,7 +5,7 @@ GPU actors: paths (driver) → ``decode_batch`` tasks on the CPUs (read, decode,
 CPU actors read and decode their own batches of paths: the CPUs that would decode are the ones the
 model runs on, so separate tasks would only preempt the forward pass and copy crops through the object store.
 Pixels stop at the actor; failures to read or decode travel as rows with an ``error`` so the
-driver can account for every input.
+driver can account for every input. ``local`` runs the same ``Predictor`` in worker processes, without Ray.
 """
 
 from __future__ import annotations
@@ -196,8 +196,8 @@ class PredictorOptions:
 
 
 class Predictor:
-    """Ray Data actor: loads the model once, then turns batches (uint8 crops, or paths it reads and
-    decodes itself) into prediction rows."""
+    """A Ray Data actor, or a local worker's model (``local``): loads the model once, then turns batches
+    (uint8 crops, or paths it reads and decodes itself) into prediction rows."""
 
     def __init__(self, options: PredictorOptions):
         self.classifier = Classifier(options.info.spec, precision=options.precision, threads=options.threads, info=options.info)
