@@ -18,6 +18,7 @@ from collections import deque
 from collections.abc import Callable, Iterator
 from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
 from concurrent.futures.process import BrokenProcessPool
+from multiprocessing.sharedctypes import Synchronized
 from pathlib import Path
 
 import numpy as np
@@ -30,6 +31,10 @@ from .inference import Predictor, PredictorOptions, failure_rows
 BLOCKS_PER_WORKER = 2  # in flight: one being predicted, one waiting, so a worker never idles between blocks
 PR_SET_PDEATHSIG = 1  # prctl(2): the signal this process gets when its parent ends
 MAX_WORKER_DEATHS = 3  # deaths of a worker predicting a block alone, before the block's images are listed as failed
+
+# The likeliest cause of workers that die before they have started, besides memory: a spawned worker
+# imports the script that started it, and a script that calls ``runner.run`` unguarded runs it again there.
+STARTING_HINT = '; a script that calls pipeline.runner needs `if __name__ == "__main__":` around it'
 
 _predictor: Predictor | None = None  # the worker process's own, loaded once by _start_worker
 _start_failure: str | None = None
@@ -58,7 +63,7 @@ def _die_with(driver: int) -> None:
         os._exit(1)
 
 
-def _start_worker(driver: int, options: PredictorOptions) -> None:
+def _start_worker(driver: int, started: Synchronized, options: PredictorOptions) -> None:
     global _predictor, _start_failure
     _die_with(driver)
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the driver's: it stops the run and these workers
@@ -68,6 +73,8 @@ def _start_worker(driver: int, options: PredictorOptions) -> None:
         _predictor = Predictor(options)
     except Exception as error:  # reported with the first block, in one line, instead of a broken pool
         _start_failure = f"the model could not be loaded in a worker process: {one_line(error)}"
+    with started.get_lock():
+        started.value += 1
 
 
 def _predict(paths: list[str], truths: list[str | None]) -> pa.Table:
@@ -96,8 +103,10 @@ def predictions(inputs: pa.Table, options: PredictorOptions, workers: int, block
     todo = deque(range(0, inputs.num_rows, block_rows))
     suspects: deque[int] = deque()
     deaths: dict[int, int] = {}
+    context = multiprocessing.get_context("spawn")
     while todo or suspects:
-        pool = ProcessPoolExecutor(workers, multiprocessing.get_context("spawn"), _start_worker, (os.getpid(), options))
+        started = context.Value("i", 0)  # workers of this pool that got through _start_worker
+        pool = ProcessPoolExecutor(workers, context, _start_worker, (os.getpid(), started, options))
         pending: dict[Future, int] = {}
         try:
             while todo or suspects or pending:
@@ -124,6 +133,8 @@ def predictions(inputs: pa.Table, options: PredictorOptions, workers: int, block
                 if stop():
                     return
                 if broken is not None:
+                    if not started.value:
+                        raise UserError(f"worker processes died while starting ({one_line(broken)}){STARTING_HINT}")
                     if suspects:  # it was alone in flight
                         yield from _count_death(inputs, block_rows, suspects, deaths, broken)
                     else:

@@ -1,6 +1,8 @@
 """The local engine: real worker processes with the real embedded model on real images, killed for real."""
 
 import dataclasses
+import subprocess
+import sys
 import threading
 
 import psutil
@@ -13,6 +15,8 @@ from pipeline.inference import PredictorOptions
 from pipeline.models import ModelSpec, describe
 from pipeline.runner import RunRequest, execute, run, start
 from pipeline.sources import open_source
+
+from .conftest import cli_env
 
 
 def workers() -> list[psutil.Process]:
@@ -65,9 +69,8 @@ def test_a_worker_killed_mid_run_is_replaced_and_every_image_is_predicted_once(s
     assert len(paths) == len(set(paths)) == 9 == manifest.counts.predicted and manifest.counts.failed == 0
 
 
-def test_a_batch_whose_workers_keep_dying_comes_back_as_error_rows(small_folder):
-    """Every worker is killed as soon as it appears, so the one block is in flight at every death."""
-    inputs = inputs_of(small_folder).slice(0, 2)
+def test_workers_that_die_before_they_start_are_one_clear_error(small_folder):
+    """Every worker is killed as soon as it appears: no retries, one error that says so."""
     done = threading.Event()
 
     def kill_workers():
@@ -79,13 +82,11 @@ def test_a_batch_whose_workers_keep_dying_comes_back_as_error_rows(small_folder)
     killer = threading.Thread(target=kill_workers, daemon=True)
     killer.start()
     try:
-        rows = pa.concat_tables(local.predictions(inputs, options_for(small_folder), 1, 2, lambda: False)).to_pylist()
+        with pytest.raises(UserError, match="worker processes died while starting"):
+            list(local.predictions(inputs_of(small_folder), options_for(small_folder), 1, 4, lambda: False))
     finally:
         done.set()
         killer.join()
-    assert [row["path"] for row in rows] == inputs.column("path").to_pylist()
-    for row in rows:
-        assert row["label"] is None and f"a worker process died {local.MAX_WORKER_DEATHS} times" in row["error"]
 
 
 def test_stopping_ends_the_run_early_and_no_worker_outlives_it(small_folder):
@@ -111,3 +112,23 @@ def test_a_model_that_cannot_load_in_the_workers_is_one_clear_error(small_folder
 def test_this_machine_has_its_cpus_and_no_gpus():
     machine = local.machine()
     assert machine.cpus == len(psutil.Process().cpu_affinity()) and machine.gpus == 0
+
+
+SCRIPT = """
+from pipeline.runner import RunRequest, run
+
+def main():
+    print(run(RunRequest(data={data!r}, out={out!r}, engine="local"))[1].status)
+"""
+
+
+def test_a_script_that_runs_the_local_engine_unguarded_gets_the_fix_in_its_error(small_folder, tmp_path):
+    """A spawned worker imports the script that started it: unguarded, the script runs again there."""
+    script = tmp_path / "classify.py"
+    script.write_text(SCRIPT.format(data=str(small_folder), out=str(tmp_path / "runs")) + "\nmain()\n")
+    unguarded = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, env=cli_env(), timeout=300)
+    assert unguarded.returncode != 0 and "worker processes died while starting" in unguarded.stderr
+    assert 'needs `if __name__ == "__main__":` around it' in unguarded.stderr.strip().splitlines()[-1]
+    script.write_text(SCRIPT.format(data=str(small_folder), out=str(tmp_path / "runs")) + '\nif __name__ == "__main__":\n    main()\n')
+    guarded = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, env=cli_env(), timeout=300)
+    assert guarded.returncode == 0 and guarded.stdout.strip() == "complete", guarded.stderr
