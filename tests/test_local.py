@@ -1,5 +1,6 @@
 """The local engine: real worker processes with the real embedded model on real images, killed for real."""
 
+import contextlib
 import dataclasses
 import subprocess
 import sys
@@ -67,6 +68,35 @@ def test_a_worker_killed_mid_run_is_replaced_and_every_image_is_predicted_once(s
     assert killed and manifest.status == "complete"
     paths = runs.read_predictions(path).column("path").to_pylist()
     assert len(paths) == len(set(paths)) == 9 == manifest.counts.predicted and manifest.counts.failed == 0
+
+
+def test_a_batch_that_kills_its_worker_every_time_comes_back_as_error_rows(small_folder, tmp_path):
+    """A real photo with 512 MiB of (sparse) zeros after it: the worker takes a while to read it, and is
+    killed while it has it open, so the batch kills its worker in the first pool and then alone, every time."""
+    heavy = tmp_path / "heavy.jpg"
+    heavy.write_bytes(next(small_folder.rglob("*.JPEG")).read_bytes())
+    with heavy.open("r+b") as file:
+        file.truncate(512 * 2**20)
+    inputs = pa.table({"path": [str(heavy)], "ground_truth": [None]})
+    done = threading.Event()
+
+    def kill_workers_reading_it():
+        while not done.is_set():
+            for worker in workers():
+                with contextlib.suppress(psutil.Error):
+                    if any(f.path == str(heavy) for f in worker.open_files()):
+                        worker.kill()
+            done.wait(0.002)
+
+    killer = threading.Thread(target=kill_workers_reading_it, daemon=True)
+    killer.start()
+    try:
+        rows = pa.concat_tables(local.predictions(inputs, options_for(tmp_path), 1, 1, lambda: False)).to_pylist()
+    finally:
+        done.set()
+        killer.join()
+    assert len(rows) == 1 and rows[0]["path"] == str(heavy) and rows[0]["label"] is None
+    assert f"a worker process died {local.MAX_WORKER_DEATHS} times predicting this batch" in rows[0]["error"]
 
 
 def test_workers_that_die_before_they_start_are_one_clear_error(small_folder):
