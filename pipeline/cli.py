@@ -95,7 +95,7 @@ def build_parser() -> Parser:
         help="GPUs per actor (default with GPUs: 0.5, or the GPUs shared by --concurrency actors; else 0)",
     )
     run.add_argument("--limit", type=positive_int, default=None, help="classify a reproducible random sample of N images")
-    run.add_argument("--address", default=None, help="Ray cluster address (default: $RAY_ADDRESS, else a local Ray)")
+    run.add_argument("--address", default=None, help="Ray cluster address (default: $RAY_ADDRESS, else this machine: see --engine)")
     run.add_argument("--precision", choices=("auto", "fp32", "bf16"), default="auto")
     run.add_argument("--engine", choices=ENGINES, default="auto", help=ENGINE_HELP)
     run.add_argument("--run-id", default=None, help=argparse.SUPPRESS)
