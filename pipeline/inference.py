@@ -14,7 +14,7 @@ import math
 import threading
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 import pyarrow as pa
@@ -192,7 +192,9 @@ class PredictorOptions:
     precision: str = "auto"
     threads: int | None = None
     label_set: tuple[int, ...] = ()
-    source: Source | None = None  # set: the actor receives paths and reads and decodes them itself
+    # Set: the actor receives paths and reads and decodes them itself (build_dataset clears it where
+    # decode tasks feed the actors).
+    source: Source | None = None
 
 
 class Predictor:
@@ -330,20 +332,13 @@ def plan(
     return Plan(concurrency, 0.0, threads, batch_size, block_rows, min(float(threads), cpus / concurrency), 0.0, actors_decode=True)
 
 
-def build_dataset(
-    inputs: pa.Table,
-    source: Source,
-    spec: ModelSpec,
-    plan_: Plan,
-    topk: int = 5,
-    precision: str = "auto",
-    label_set: Sequence[int] = (),
-):
-    """The lazy Ray Dataset of prediction rows (plus error rows) for ``inputs`` (path, ground_truth)."""
+def build_dataset(inputs: pa.Table, options: PredictorOptions, plan_: Plan):
+    """The lazy Ray Dataset of prediction rows (plus error rows) for ``inputs`` (path, ground_truth), read
+    from ``options.source``: by the actors themselves, or by decode tasks when the plan says so."""
     import ray.data
     from ray.data import DataContext, ExecutionResources
 
-    info = describe(spec)
+    info = options.info
     crop_bytes = info.preprocessing.crop**2 * 3
     # Decoding is much faster than the model, so without a budget decoded crops pile up in the object
     # store and the run's memory grows with the dataset (10,000 images: +57 % peak RSS over 1,000).
@@ -355,12 +350,12 @@ def build_dataset(
     # block for that (62 tasks for Imagenette's 3,925 images: 1.4 s before the first actor starts).
     inputs_ds = ray.data.from_blocks(blocks)
     if plan_.actors_decode:
-        batches, actor_source = inputs_ds, source
+        batches, actor_options = inputs_ds, options
     else:
-        batches, actor_source = (
+        batches, actor_options = (
             inputs_ds.map_batches(
                 decode_batch,
-                fn_kwargs={"source": source, "preprocessing": info.preprocessing},
+                fn_kwargs={"source": options.source, "preprocessing": info.preprocessing},
                 batch_size=None,
                 batch_format="numpy",
                 num_cpus=plan_.decode_cpus,
@@ -370,11 +365,11 @@ def build_dataset(
                 # fuse it into the model actor, where it could not overlap inference.
                 memory=plan_.block_rows * crop_bytes + DECODE_BYTES_PER_IMAGE,
             ),
-            None,
+            replace(options, source=None),
         )
     return batches.map_batches(
         Predictor,
-        fn_constructor_kwargs={"options": PredictorOptions(info, topk, precision, plan_.threads, tuple(label_set), actor_source)},
+        fn_constructor_kwargs={"options": actor_options},
         batch_size=plan_.batch_size,
         batch_format="numpy",
         # One call at a time per actor, run on the actor's own thread. Ray Data's default hands each

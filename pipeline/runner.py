@@ -330,12 +330,11 @@ def execute(path: Path, on_progress: ProgressCallback | None = None, source: Sou
             progress.started_s = progress.elapsed_s
             model = describe(spec)
             label_set_indices = tuple(model.categories.index(name) for name in manifest.label_set or ())
+            options = PredictorOptions(model, params.topk, params.precision, work.threads, label_set_indices, source)
             if manifest.engine == "local":
-                options = PredictorOptions(model, params.topk, params.precision, work.threads, label_set_indices, source)
                 batches = local.predictions(todo, options, work.concurrency, work.batch_size, stop)
             else:
-                dataset = build_dataset(todo, source, spec, work, params.topk, params.precision, label_set_indices)
-                batches = dataset.iter_batches(batch_format="pyarrow", batch_size=None, prefetch_batches=1)
+                batches = build_dataset(todo, options, work).iter_batches(batch_format="pyarrow", batch_size=None, prefetch_batches=1)
             for batch in batches:
                 batch = _first_sightings(batch, seen)
                 failed = pc.is_valid(batch.column("error"))

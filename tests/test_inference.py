@@ -15,6 +15,7 @@ from pipeline.inference import (
     MAX_INPUT_BLOCKS,
     Classifier,
     Plan,
+    PredictorOptions,
     build_dataset,
     cpu_micro_batch,
     plan,
@@ -123,7 +124,7 @@ def test_decode_tasks_and_self_decoding_actors_give_the_same_rows(small_folder):
     rows = {}
     for actors_decode in (True, False):
         layout = Plan(1, 0.0, 1, 4, 3, actor_cpus=0.5, decode_cpus=0.5, actors_decode=actors_decode)
-        dataset = build_dataset(inputs, source, spec, layout)
+        dataset = build_dataset(inputs, PredictorOptions(describe(spec), threads=1, source=source), layout)
         assert ("MapBatches(decode_batch)" in str(dataset)) is not actors_decode
         table = pa.concat_tables(dataset.iter_batches(batch_format="pyarrow", batch_size=None))
         rows[actors_decode] = sorted(table.select(["path", "label", "error"]).to_pylist(), key=lambda row: row["path"])
