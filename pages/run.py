@@ -39,7 +39,10 @@ with st.form("launch"):
         max_value=256,
         value=0,
         step=1,
-        help="Model workers (Ray actors or local processes). Auto: two per GPU, or one single-threaded worker per CPU, up to 8",
+        help=(
+            "Model workers (Ray actors or local processes), at most one per batch. "
+            "Auto: two per GPU, or one single-threaded worker per CPU, up to 8"
+        ),
     )
     has_gpu = bool(resources and resources["gpus"] >= 1)
     num_gpus = c3.number_input(

@@ -86,7 +86,10 @@ def build_parser() -> Parser:
         "--batch-size", type=positive_int, default=None, help="images per batch sent to a model actor (default: 64 on CPU, 512 on GPU)"
     )
     run.add_argument(
-        "--concurrency", type=positive_int, default=None, help="model actors (default: two per GPU, or one 1-thread actor per CPU, up to 8)"
+        "--concurrency",
+        type=positive_int,
+        default=None,
+        help="model actors, at most one per batch (default: two per GPU, or one 1-thread actor per CPU, up to 8)",
     )
     run.add_argument(
         "--num-gpus",

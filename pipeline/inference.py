@@ -318,14 +318,17 @@ def plan(
     if num_gpus > 0 and gpus == 0:
         raise UserError(f"--num-gpus {num_gpus} asked for, but the Ray cluster has no GPU")
     if concurrency is None:
-        # On CPUs, no more actors than there are batches: an actor without work still loads a model.
-        concurrency = max(1, int(gpus // num_gpus)) if num_gpus else max(1, min(MAX_CPU_ACTORS, int(cpus), math.ceil(total / batch_size)))
+        concurrency = max(1, int(gpus // num_gpus)) if num_gpus else max(1, min(MAX_CPU_ACTORS, int(cpus)))
     if num_gpus and concurrency * num_gpus > gpus + 1e-9:
         raise UserError(f"concurrency {concurrency} × {num_gpus} GPU needs {concurrency * num_gpus:g} GPUs; the cluster has {gpus:g}")
     if not num_gpus and concurrency > cpus:
-        raise UserError(f"concurrency {concurrency} exceeds the cluster's {cpus:g} CPUs")
-    threads = None if num_gpus else max(1, int(min(cpus // concurrency, node_cpus or cpus)))
+        raise UserError(f"concurrency {concurrency} exceeds the {cpus:g} CPUs this run can use")
     block_rows = max(8, min(64, math.ceil(total / max(1.0, 2 * cpus))), math.ceil(total / MAX_INPUT_BLOCKS))
+    # No more actors than batches, even asked for: an actor without work still loads a model (seconds of
+    # CPU that the busy ones need), and a Ray actor pool bigger than its inputs warns. An actor's batch
+    # is whole blocks, so a block bigger than the batch is one batch.
+    concurrency = min(concurrency, max(1, math.ceil(total / max(batch_size, block_rows))))
+    threads = None if num_gpus else max(1, int(min(cpus // concurrency, node_cpus or cpus)))
     if num_gpus:
         decode_cpus = min(1.0, cpus / 2)
         return Plan(concurrency, num_gpus, threads, batch_size, block_rows, min(1.0, (cpus - decode_cpus) / concurrency), decode_cpus)

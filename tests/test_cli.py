@@ -93,7 +93,7 @@ def test_models_lists_the_embedded_default_as_offline():
         (["preview", "--data", "s3://"], "no bucket"),
         (["frobnicate"], "invalid choice"),
         (["resume", "/no/such/run"], "not a run folder"),
-        (["run", "--concurrency", "64"], "exceeds the cluster's"),
+        (["run", "--concurrency", "64"], "CPUs this run can use"),
         (["run", "--engine", "warp"], "invalid choice"),
         (["run", "--engine", "local", "--address", "10.0.0.5:6379"], "--engine local runs on this machine"),
     ],

@@ -48,6 +48,9 @@ def test_cpu_actors_are_single_threaded_one_per_cpu_until_the_cap():
     assert (big.concurrency, big.threads) == (MAX_CPU_ACTORS, 4)
     few = plan(9, 2, 0, 64, None, None)  # one batch: one actor, with both CPUs
     assert (few.concurrency, few.threads) == (1, 2)
+    asked = plan(9, 2, 0, 64, 2, None)  # even asked for two: the second would only load a model
+    assert (asked.concurrency, asked.threads) == (1, 2)
+    assert plan(100, 16, 1, 64, 4, None).concurrency == 2  # two batches for four GPU actors
 
 
 @pytest.mark.parametrize("gpus", [0, 1])
@@ -95,7 +98,7 @@ def test_batch_size_left_out_is_chosen_for_the_device():
 
 
 def test_plan_refuses_what_the_cluster_cannot_hold():
-    with pytest.raises(UserError, match="exceeds"):
+    with pytest.raises(UserError, match="concurrency 3 exceeds the 2 CPUs this run can use"):
         plan(10, 2, 0, 64, 3, None)
     with pytest.raises(UserError, match="no GPU"):
         plan(10, 2, 0, 64, None, 1)
