@@ -224,11 +224,19 @@ def start(request: RunRequest) -> tuple[Path, Source]:
 
 
 def _labelled_inputs(source: Source, limit: int | None, categories: Sequence[str]) -> tuple[int, pa.Table]:
-    """How many files were skipped, and (path, ground_truth) for every image, or ``limit``'s sample."""
+    """How many files were skipped, and (path, ground_truth) for every image, or ``limit``'s sample, in
+    the order they are to be predicted."""
     listing = list_images(source)
     if limit is not None:
         listing.files = listing.sample(limit)
-    return listing.skipped, label_inputs(listing, categories)
+    return listing.skipped, in_processing_order(label_inputs(listing, categories))
+
+
+def in_processing_order(inputs: pa.Table, seed: int = 0) -> pa.Table:
+    """The inputs in a reproducible random order. Listed in folder order, a run would predict one class
+    after another: what it shows as it goes (labels and top-1 so far) and what a cancelled run keeps would
+    stand for its first folders only, not for the dataset."""
+    return inputs.take(np.random.default_rng(seed).permutation(inputs.num_rows))
 
 
 def in_background(work: Callable[[], T]) -> Callable[[], T]:

@@ -129,6 +129,21 @@ def test_limit_takes_a_reproducible_sample(tmp_path):
     assert a == pq.read_table(second / runs.INPUTS).column("path").to_pylist() and len(a) == 15
 
 
+def test_a_run_predicts_in_a_reproducible_shuffle_so_its_first_rows_span_the_classes(tmp_path):
+    path, _ = start(RunRequest(out=str(tmp_path), run_id="a", batch_size=16, engine="local"))  # the embedded 200 images
+    order = pq.read_table(path / runs.INPUTS).column("path").to_pylist()
+    assert order == pq.read_table(start(RunRequest(out=str(tmp_path), run_id="b"))[0] / runs.INPUTS).column("path").to_pylist()
+    assert len(set(order)) == 200 and order != sorted(order)
+
+    def cancel_after_first_batch(progress):
+        if progress.counts.done:
+            runs.request_cancel(path)
+
+    assert execute(path, cancel_after_first_batch).status == "cancelled"
+    truths = runs.read_predictions(path).column("ground_truth").to_pylist()
+    assert 16 <= len(truths) < 200 and len(set(truths)) >= 6  # folder by folder, it would be one class or two
+
+
 @pytest.mark.parametrize(
     "request_, message",
     [
