@@ -7,6 +7,7 @@ import streamlit as st
 
 from pages import widgets
 from pipeline import charts, launcher, metrics, runs
+from pipeline.cluster import LOCAL
 from pipeline.errors import UserError
 from pipeline.models import parse_model
 from pipeline.runner import LOCAL_MAX_IMAGES, RunRequest
@@ -66,8 +67,9 @@ with st.form("launch"):
         ),
     )
     if resources:
-        note = f"Cluster: {resources['cpus']:g} CPUs, {resources['gpus']:g} GPUs."
-        st.caption(note + ("" if has_gpu else " No GPU in this cluster, so the model runs on CPUs."))
+        where = "This machine" if resources["address"] == LOCAL else f"Ray cluster at {resources['address']}"
+        note = f"{where}: {resources['cpus']:g} CPUs, {resources['gpus']:g} GPUs."
+        st.caption(note + ("" if has_gpu else " No GPU, so the model runs on CPUs."))
     submitted = st.form_submit_button("Start run", type="primary", disabled=resources is None)
 
 if submitted:

@@ -14,7 +14,7 @@ from pathlib import Path
 import pandas as pd
 import streamlit as st
 
-from pipeline import metrics, runs
+from pipeline import local, metrics, runs
 from pipeline.cluster import LOCAL
 from pipeline.errors import UserError
 from pipeline.inference import Classifier
@@ -175,7 +175,7 @@ def cluster_resources(address: str) -> dict:
     if address in ("", LOCAL):
         import torch
 
-        return {"address": LOCAL, "cpus": float(os.cpu_count() or 1), "gpus": float(torch.cuda.device_count())}
+        return {"address": LOCAL, "cpus": local.machine().cpus, "gpus": float(torch.cuda.device_count())}
     result = subprocess.run(
         [sys.executable, "-m", "pipeline", "cluster", "--address", address],
         capture_output=True,
