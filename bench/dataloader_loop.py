@@ -1,7 +1,8 @@
 """What a user would write instead of Ray on one machine: a plain PyTorch DataLoader loop, tuned.
 
 It gets every trick the project's actor has (JPEG draft decoding, uint8 crops, on a CPU the frozen
-graph on micro-batches with threads = cores, on a GPU bf16 + channels_last and pinned batches), so
+graph on micro-batches with threads = cores and freed memory kept for the next batch, on a GPU bf16 +
+channels_last and pinned batches), so
 (b)/(d) measures what Ray itself costs. Run as its own process; prints the number of images classified.
 
     python bench/dataloader_loop.py DATA MODEL BATCH_SIZE PRECISION [DEVICE [WORKERS]]
@@ -15,7 +16,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from pipeline.inference import Classifier
+from pipeline.inference import Classifier, keep_freed_memory
 from pipeline.models import parse_model
 from pipeline.preprocess import decode
 from pipeline.sources import list_images, open_source
@@ -25,6 +26,8 @@ device = sys.argv[5] if len(sys.argv) > 5 else "cpu"
 workers = int(sys.argv[6]) if len(sys.argv) > 6 else 1
 threads = os.cpu_count() if device == "cpu" else None
 classifier = Classifier(parse_model(model_name), device=device, precision=precision, threads=threads)
+if device == "cpu":
+    keep_freed_memory()  # as a CPU Predictor does (the DataLoader's workers fork from here, keeping it too)
 files = list_images(open_source(data)).files
 
 

@@ -45,7 +45,7 @@ sys.path.insert(0, str(ROOT))
 SHARED = ROOT.parent / "shared" / "data" / "imagenette-val"
 
 from pipeline.cache import CACHE_ENV  # noqa: E402
-from pipeline.inference import Classifier, plan, resolve_precision  # noqa: E402
+from pipeline.inference import Classifier, keep_freed_memory, plan, resolve_precision  # noqa: E402
 from pipeline.models import describe, hub_checkpoint_path, parse_model  # noqa: E402
 from pipeline.preprocess import decode  # noqa: E402
 from pipeline.sources import list_images, open_source  # noqa: E402
@@ -106,11 +106,13 @@ def ensure_weights(model: str, torch_home: Path) -> bool:
 
 
 def forward_only(model: str, files: list[str], batch_size: int, precision: str, actors: int, threads: int, seconds: float = 30.0) -> float:
-    """img/s of the forward pass on pre-decoded uint8 crops as the project's actors run it: ``actors``
-    processes of ``threads`` threads each, timed over the same window, rates summed."""
+    """img/s of the forward pass on pre-decoded uint8 crops as the project's actors run it (freed memory
+    kept for the next batch, as theirs is): ``actors`` processes of ``threads`` threads each, timed over
+    the same window, rates summed."""
     began = time.time() + 20 + 5 * actors  # every process has loaded its model and warmed up by then
     code = (
-        "import sys, time, numpy as np; from pathlib import Path; from pipeline.inference import Classifier; "
+        "import sys, time, numpy as np; from pathlib import Path; from pipeline.inference import Classifier, keep_freed_memory; "
+        "keep_freed_memory(); "
         "from pipeline.models import parse_model; from pipeline.preprocess import decode; "
         f"c = Classifier(parse_model({model!r}), device='cpu', precision={precision!r}, threads={threads}); "
         f"crops = np.stack([decode(Path(f).read_bytes(), c.preprocessing) for f in {files[:batch_size]!r}]); c.top_k(crops); "
@@ -224,6 +226,7 @@ def main() -> None:
     parser.add_argument("--agreement-images", type=int, default=1000, help="images for the bf16-vs-fp32 check (0: skip)")
     parser.add_argument("--rss-images", default="", help="comma-separated image counts for the peak-RSS scaling check, e.g. 1000,10000")
     args = parser.parse_args()
+    keep_freed_memory()  # for the forward passes timed in this process (bf16's, the eager one), as a Predictor does
     if args.pairs < 1:
         parser.error("--pairs must be at least 1: (b) is what the benchmark measures")
     skip = set(filter(None, args.skip.split(",")))
