@@ -31,8 +31,8 @@ from .sources import SAMPLE_DATA, Listing, Source, list_images, open_source, red
 
 MAX_LABEL_SET = 100  # classes whose scores every row stores for label-set-restricted evaluation
 # ``auto`` runs up to this many images on this machine's CPUs in local worker processes (``local``),
-# where Ray's start would be a large part of the run (on 2 cores: first predictions 5.4 s later, in a
-# ~23-s run of Imagenette's 3,925 images). Bigger runs take the path a cluster's run takes, Ray Data,
+# where Ray's start would be a large part of the run (on 2 cores: first predictions 4.4 s later, in an
+# ~18-s run of Imagenette's 3,925 images). Bigger runs take the path a cluster's run takes, Ray Data,
 # whose start is then under ~8 % of the run even for the fastest model here.
 LOCAL_MAX_IMAGES = 20_000
 
