@@ -103,6 +103,7 @@ def predictions(inputs: pa.Table, options: PredictorOptions, workers: int, block
     todo = deque(range(0, inputs.num_rows, block_rows))
     suspects: deque[int] = deque()
     deaths: dict[int, int] = {}
+    idle_deaths = 0  # pools in a row that broke with no block in flight: no block to blame, so counted apart
     context = multiprocessing.get_context("spawn")
     while todo or suspects:
         started = context.Value("i", 0)  # workers of this pool that got through _start_worker
@@ -110,15 +111,17 @@ def predictions(inputs: pa.Table, options: PredictorOptions, workers: int, block
         pending: dict[Future, int] = {}
         try:
             while todo or suspects or pending:
+                broken = None
                 if suspects:
                     if not pending:
-                        pending[pool.submit(_predict, *_block(inputs, suspects[0], block_rows))] = suspects[0]
+                        broken = _submit(pool, pending, inputs, suspects[0], block_rows)
                 else:
-                    while todo and len(pending) < BLOCKS_PER_WORKER * workers:
-                        start = todo.popleft()
-                        pending[pool.submit(_predict, *_block(inputs, start, block_rows))] = start
-                done, _ = wait(pending, return_when=FIRST_COMPLETED)
-                lost, broken = [], None
+                    while todo and len(pending) < BLOCKS_PER_WORKER * workers and broken is None:
+                        broken = _submit(pool, pending, inputs, todo[0], block_rows)
+                        if broken is None:
+                            todo.popleft()
+                done = wait(pending, return_when=FIRST_COMPLETED).done if pending else set()
+                lost = []
                 for future in done:
                     start = pending.pop(future)
                     try:
@@ -129,19 +132,36 @@ def predictions(inputs: pa.Table, options: PredictorOptions, workers: int, block
                         continue
                     if suspects and suspects[0] == start:
                         suspects.popleft()
+                    idle_deaths = 0
                     yield rows
                 if stop():
                     return
                 if broken is not None:
                     if not started.value:
                         raise UserError(f"worker processes died while starting ({one_line(broken)}){STARTING_HINT}")
-                    if suspects:  # it was alone in flight
+                    in_flight = lost + list(pending.values())
+                    idle_deaths = 0 if in_flight else idle_deaths + 1
+                    if idle_deaths >= MAX_WORKER_DEATHS:
+                        raise UserError(f"worker processes keep dying while idle ({one_line(broken)}); is this machine out of memory?")
+                    if not suspects:
+                        suspects.extend(sorted(in_flight))
+                    elif suspects[0] in lost:  # it was alone in flight
                         yield from _count_death(inputs, block_rows, suspects, deaths, broken)
-                    else:
-                        suspects.extend(sorted(lost + list(pending.values())))
                     break
         finally:
             _kill(pool)
+
+
+def _submit(
+    pool: ProcessPoolExecutor, pending: dict[Future, int], inputs: pa.Table, start: int, block_rows: int
+) -> BrokenProcessPool | None:
+    """Send a block to the pool; a pool that broke since the last wait (a worker died, busy or idle)
+    refuses it, and the block was never sent."""
+    try:
+        pending[pool.submit(_predict, *_block(inputs, start, block_rows))] = start
+    except BrokenProcessPool as error:
+        return error
+    return None
 
 
 def _count_death(inputs: pa.Table, block_rows: int, suspects: deque[int], deaths: dict[int, int], error: Exception) -> Iterator[pa.Table]:
