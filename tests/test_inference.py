@@ -1,5 +1,6 @@
 import json
 import math
+import platform
 import subprocess
 import sys
 
@@ -204,7 +205,7 @@ print((resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before) / 3)
 """
 
 
-@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's malloc is what a CPU Predictor tunes")
+@pytest.mark.skipif(platform.libc_ver()[0] != "glibc", reason="glibc's malloc is what a CPU Predictor tunes; this is not glibc")
 def test_a_cpu_predictor_reuses_its_memory_from_batch_to_batch():
     """Freed buffers given back to the OS come back as page faults in the next batch: thousands of them
     per batch (a 64-image float batch alone is 9,400 pages), a third of a worker's CPU time."""
