@@ -93,8 +93,8 @@ def validate(request: RunRequest) -> None:
 def check_engine(engine: str, address: str | None, num_gpus: float | None) -> None:
     if engine not in ENGINES:
         raise UserError(f"engine must be one of {', '.join(ENGINES)}")
-    if engine == "local" and cluster.resolve_address(address) != cluster.LOCAL:
-        raise UserError(f"--engine local runs on this machine, not on the Ray cluster at {cluster.resolve_address(address)!r}")
+    if engine == "local" and (resolved := cluster.resolve_address(address)) != cluster.LOCAL:
+        raise UserError(f"--engine local runs on this machine, not on the Ray cluster at {resolved!r}")
     if engine == "local" and num_gpus:
         raise UserError("--engine local runs on CPUs; GPUs need Ray (--engine ray)")
 
