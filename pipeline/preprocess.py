@@ -12,12 +12,15 @@ import warnings
 from dataclasses import dataclass
 
 import numpy as np
+import pyarrow as pa
 from PIL import Image, ImageOps
 
 # Pillow's own guard: images over this many pixels are refused as decompression bombs.
 Image.MAX_IMAGE_PIXELS = 178_956_970
 
 RESAMPLING = {"bilinear": Image.Resampling.BILINEAR, "bicubic": Image.Resampling.BICUBIC}
+# Up to this many times the crop's pixels, an image is resized whole and then cropped (4:3 photos: 1.7×)
+MAX_RESIZED_PER_CROP = 4
 
 
 @dataclass(frozen=True)
@@ -65,10 +68,14 @@ def to_rgb(image: Image.Image) -> Image.Image:
 
 
 def resize_crop(image: Image.Image, prep: Preprocessing) -> np.ndarray:
-    """Shorter side to ``prep.resize`` then centre crop, done as one resample of the crop's box.
+    """Shorter side to ``prep.resize`` then centre crop, with torchvision's ``Resize(resize)`` +
+    ``CenterCrop(crop)`` geometry and Pillow's filters.
 
-    Matches torchvision's ``Resize(resize)`` + ``CenterCrop(crop)`` geometry, but only resamples
-    the pixels that survive the crop.
+    torch's antialiased uint8 kernels resize the whole image, straight from Pillow's memory, then it is
+    cropped: a fifth of the time of Pillow's resample of only the crop's box (224-px Imagenette photos:
+    0.11 against 0.55 ms bicubic, against 0.33 bilinear; efficientnet_lite0's forward pass is ~7 ms an
+    image on one core), with the same pixels. A very long or tall image, whose whole resize would be
+    many times the crop, keeps Pillow's box resample.
     """
     width, height = image.size
     if width <= height:
@@ -77,11 +84,29 @@ def resize_crop(image: Image.Image, prep: Preprocessing) -> np.ndarray:
         new_w, new_h = int(prep.resize * width / height), prep.resize
     top = round((new_h - prep.crop) / 2.0)
     left = round((new_w - prep.crop) / 2.0)
+    if new_w * new_h <= MAX_RESIZED_PER_CROP * prep.crop * prep.crop:
+        from torch.nn.functional import interpolate
+
+        resized = interpolate(pixels(image), size=(new_h, new_w), mode=prep.interpolation, antialias=True)
+        return resized[0, :3, top : top + prep.crop, left : left + prep.crop].permute(1, 2, 0).numpy()
     sx, sy = width / new_w, height / new_h
     box = (left * sx, top * sy, (left + prep.crop) * sx, (top + prep.crop) * sy)
-    resample = RESAMPLING[prep.interpolation]
-    out = image.resize((prep.crop, prep.crop), resample, box=box, reducing_gap=None)
+    out = image.resize((prep.crop, prep.crop), RESAMPLING[prep.interpolation], box=box, reducing_gap=None)
     return np.asarray(out, dtype=np.uint8)
+
+
+def pixels(image: Image.Image):
+    """An RGB image as a (1, C, H, W) uint8 tensor: Pillow's own memory lent through Arrow (C = 4: RGB and
+    a padding byte, which torch's kernels add anyway), or a copy (C = 3) of an image Pillow keeps in
+    several blocks (one over 16 MB); ``np.asarray`` would copy it at 1.7 ns a pixel."""
+    import torch
+
+    width, height = image.size
+    try:
+        lent = torch.from_dlpack(pa.array(image).flatten())
+    except ValueError:  # "Image rows are not contiguous in memory"
+        return torch.from_numpy(np.array(image, dtype=np.uint8)).permute(2, 0, 1).unsqueeze(0)
+    return lent.view(1, height, width, 4).permute(0, 3, 1, 2)
 
 
 def decode(data: bytes, prep: Preprocessing) -> np.ndarray:
