@@ -26,7 +26,7 @@ import pyarrow as pa
 
 from .cluster import LOCAL, ClusterInfo
 from .errors import UserError, one_line
-from .inference import Predictor, PredictorOptions, failure_rows
+from .inference import Predictions, Predictor, PredictorOptions, failure_rows
 
 BLOCKS_PER_WORKER = 2  # in flight: one being predicted, one waiting, so a worker never idles between blocks
 PR_SET_PDEATHSIG = 1  # prctl(2): the signal this process gets when its parent ends
@@ -77,10 +77,10 @@ def _start_worker(driver: int, started: Synchronized, options: PredictorOptions)
         started.value += 1
 
 
-def _predict(paths: list[str], truths: list[str | None]) -> pa.Table:
+def _predict(paths: list[str], truths: list[str | None]) -> Predictions:
     if _predictor is None:
         raise UserError(_start_failure or "the worker process has no model")
-    return _predictor({"path": np.array(paths, dtype=object), "ground_truth": np.array(truths, dtype=object)})
+    return _predictor.predict({"path": np.array(paths, dtype=object), "ground_truth": np.array(truths, dtype=object)})
 
 
 def _block(inputs: pa.Table, start: int, rows: int) -> tuple[list[str], list[str | None]]:
@@ -125,7 +125,7 @@ def predictions(inputs: pa.Table, options: PredictorOptions, workers: int, block
                 for future in done:
                     start = pending.pop(future)
                     try:
-                        rows = future.result()
+                        rows = future.result().rows()
                     except BrokenProcessPool as error:
                         lost.append(start)
                         broken = error

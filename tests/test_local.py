@@ -162,3 +162,26 @@ def test_a_script_that_runs_the_local_engine_unguarded_gets_the_fix_in_its_error
     script.write_text(SCRIPT.format(data=str(small_folder), out=str(tmp_path / "runs")) + '\nif __name__ == "__main__":\n    main()\n')
     guarded = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, env=cli_env(), timeout=300)
     assert guarded.returncode == 0 and guarded.stdout.strip() == "complete", guarded.stderr
+
+
+WORKER = """
+import multiprocessing, os, sys
+from pipeline import local
+from pipeline.inference import PredictorOptions
+from pipeline.models import ModelSpec, describe
+from pipeline.sources import open_source
+
+options = PredictorOptions(describe(ModelSpec()), threads=1, source=open_source({folder!r}))
+local._start_worker(os.getppid(), multiprocessing.Value("i", 0), options)
+predictions = local._predict({paths!r}, [None] * {count})
+print(sum(error is None for error in predictions.errors), *sorted(m for m in ("pandas", "ray") if m in sys.modules))
+"""
+
+
+def test_a_worker_predicts_without_importing_pandas_or_ray(small_folder):
+    """pyarrow imports pandas to make its first array (0.26 s of a worker's start): workers send plain arrays."""
+    paths = [str(p) for p in sorted(small_folder.rglob("*.JPEG"))]
+    script = WORKER.format(folder=str(small_folder), paths=paths, count=len(paths))
+    worker = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=cli_env(), timeout=300)
+    assert worker.returncode == 0, worker.stderr
+    assert worker.stdout.split() == [str(len(paths))]
