@@ -31,7 +31,7 @@ def test_matches_torchvision_resize_and_centre_crop(interpolation, size):
     prep = Preprocessing(256, 224, (0.5,) * 3, (0.5,) * 3, interpolation)
     reference = T.Compose([T.Resize(256, interpolation=T.InterpolationMode(interpolation)), T.CenterCrop(224)])(image)
     ours = decode(encode(image, "PNG", compress_level=0), prep)
-    assert ours.shape == (224, 224, 3) and ours.dtype == np.uint8
+    assert ours.shape == (224, 224, 3) and ours.dtype == np.uint8 and ours.flags.c_contiguous  # copied into batches fast
     assert np.abs(ours.astype(int) - np.asarray(reference).astype(int)).mean() < 0.5
 
 
