@@ -26,7 +26,7 @@ import pyarrow as pa
 
 from .cluster import LOCAL, ClusterInfo
 from .errors import UserError, one_line
-from .inference import Predictions, Predictor, PredictorOptions, failure_rows
+from .inference import Predictions, Predictor, PredictorOptions, cpu_micro_batch, failure_rows
 
 BLOCKS_PER_WORKER = 2  # in flight: one being predicted, one waiting, so a worker never idles between blocks
 PR_SET_PDEATHSIG = 1  # prctl(2): the signal this process gets when its parent ends
@@ -83,9 +83,28 @@ def _predict(paths: list[str], truths: list[str | None]) -> Predictions:
     return _predictor.predict({"path": np.array(paths, dtype=object), "ground_truth": np.array(truths, dtype=object)})
 
 
-def _block(inputs: pa.Table, start: int, rows: int) -> tuple[list[str], list[str | None]]:
+Block = tuple[int, int]  # (first row, rows) of the inputs
+
+
+def blocks(rows: int, block_rows: int, workers: int, granule: int) -> list[Block]:
+    """``block_rows`` at a time, then smaller and smaller blocks (guided self-scheduling: a ``2 × workers``-th
+    of what is left, in whole micro-batches of ``granule``), so that the workers run out of work together
+    instead of one idling through another's last full block (~0.4 s of a core, efficientnet_lite0 on 64 images)."""
+    planned, start = [], 0
+    while start < rows:
+        left = rows - start
+        size = block_rows
+        if workers > 1:
+            share = max(granule, -(-left // (2 * workers)))
+            size = min(block_rows, -(-share // granule) * granule)
+        planned.append((start, min(left, size)))
+        start += size
+    return planned
+
+
+def _block(inputs: pa.Table, block: Block) -> tuple[list[str], list[str | None]]:
     """A block's paths and ground truths as lists: a pickled Arrow slice would carry the whole table."""
-    block = inputs.slice(start, rows)
+    block = inputs.slice(*block)
     return block.column("path").to_pylist(), block.column("ground_truth").to_pylist()
 
 
@@ -100,37 +119,37 @@ def predictions(inputs: pa.Table, options: PredictorOptions, workers: int, block
     block shares its fate. However the iteration ends, the workers are killed: they hold nothing to
     save, and a worker left to exit by itself spends seconds tearing down torch on CPUs the next run may need.
     """
-    todo = deque(range(0, inputs.num_rows, block_rows))
-    suspects: deque[int] = deque()
-    deaths: dict[int, int] = {}
+    todo = deque(blocks(inputs.num_rows, block_rows, workers, cpu_micro_batch(options.threads or 1)))
+    suspects: deque[Block] = deque()
+    deaths: dict[Block, int] = {}
     idle_deaths = 0  # pools in a row that broke with no block in flight: no block to blame, so counted apart
     context = multiprocessing.get_context("spawn")
     while todo or suspects:
         started = context.Value("i", 0)  # workers of this pool that got through _start_worker
         pool = ProcessPoolExecutor(workers, context, _start_worker, (os.getpid(), started, options))
-        pending: dict[Future, int] = {}
+        pending: dict[Future, Block] = {}
         try:
             while todo or suspects or pending:
                 broken = None
                 if suspects:
                     if not pending:
-                        broken = _submit(pool, pending, inputs, suspects[0], block_rows)
+                        broken = _submit(pool, pending, inputs, suspects[0])
                 else:
                     while todo and len(pending) < BLOCKS_PER_WORKER * workers and broken is None:
-                        broken = _submit(pool, pending, inputs, todo[0], block_rows)
+                        broken = _submit(pool, pending, inputs, todo[0])
                         if broken is None:
                             todo.popleft()
                 done = wait(pending, return_when=FIRST_COMPLETED).done if pending else set()
                 lost = []
                 for future in done:
-                    start = pending.pop(future)
+                    block = pending.pop(future)
                     try:
                         rows = future.result().rows()
                     except BrokenProcessPool as error:
-                        lost.append(start)
+                        lost.append(block)
                         broken = error
                         continue
-                    if suspects and suspects[0] == start:
+                    if suspects and suspects[0] == block:
                         suspects.popleft()
                     idle_deaths = 0
                     yield rows
@@ -146,32 +165,30 @@ def predictions(inputs: pa.Table, options: PredictorOptions, workers: int, block
                     if not suspects:
                         suspects.extend(sorted(in_flight))
                     elif suspects[0] in lost:  # it was alone in flight
-                        yield from _count_death(inputs, block_rows, suspects, deaths, broken)
+                        yield from _count_death(inputs, suspects, deaths, broken)
                     break
         finally:
             _kill(pool)
 
 
-def _submit(
-    pool: ProcessPoolExecutor, pending: dict[Future, int], inputs: pa.Table, start: int, block_rows: int
-) -> BrokenProcessPool | None:
+def _submit(pool: ProcessPoolExecutor, pending: dict[Future, Block], inputs: pa.Table, block: Block) -> BrokenProcessPool | None:
     """Send a block to the pool; a pool that broke since the last wait (a worker died, busy or idle)
     refuses it, and the block was never sent."""
     try:
-        pending[pool.submit(_predict, *_block(inputs, start, block_rows))] = start
+        pending[pool.submit(_predict, *_block(inputs, block))] = block
     except BrokenProcessPool as error:
         return error
     return None
 
 
-def _count_death(inputs: pa.Table, block_rows: int, suspects: deque[int], deaths: dict[int, int], error: Exception) -> Iterator[pa.Table]:
+def _count_death(inputs: pa.Table, suspects: deque[Block], deaths: dict[Block, int], error: Exception) -> Iterator[pa.Table]:
     """The first suspect killed its worker alone: at its ``MAX_WORKER_DEATHS``-th death, error rows."""
-    start = suspects[0]
-    deaths[start] = deaths.get(start, 0) + 1
-    if deaths[start] >= MAX_WORKER_DEATHS:
+    block = suspects[0]
+    deaths[block] = deaths.get(block, 0) + 1
+    if deaths[block] >= MAX_WORKER_DEATHS:
         suspects.popleft()
         reason = f"a worker process died {MAX_WORKER_DEATHS} times predicting this batch ({one_line(error)})"
-        yield failure_rows(*_block(inputs, start, block_rows), reason)
+        yield failure_rows(*_block(inputs, block), reason)
 
 
 def _kill(pool: ProcessPoolExecutor) -> None:

@@ -2,6 +2,7 @@
 
 import contextlib
 import dataclasses
+import itertools
 import subprocess
 import sys
 import threading
@@ -53,6 +54,20 @@ def test_local_and_ray_engines_give_the_same_predictions(small_folder, tmp_path)
         assert row["topk_labels"] == other["topk_labels"]
         assert row["topk_scores"] == pytest.approx(other["topk_scores"], abs=1e-5)
         assert row["label_set_scores"] == pytest.approx(other["label_set_scores"], abs=1e-5)
+
+
+@pytest.mark.parametrize(("rows", "block_rows", "workers"), [(3925, 64, 2), (1000, 64, 8), (9, 1, 2), (10, 3, 2), (100, 64, 1)])
+def test_blocks_cover_every_row_once_and_shrink_at_the_end_so_workers_finish_together(rows, block_rows, workers):
+    planned = local.blocks(rows, block_rows, workers, granule=4)
+    assert [start for start, _ in planned] == list(itertools.accumulate([0] + [size for _, size in planned[:-1]]))
+    assert sum(size for _, size in planned) == rows and all(0 < size <= block_rows for _, size in planned)
+    sizes = [size for _, size in planned]
+    if workers == 1:
+        assert set(sizes[:-1]) <= {block_rows}  # one worker waits for no other: whole blocks
+    elif block_rows >= 16:
+        whole = max(0, rows - 2 * workers * block_rows) // block_rows  # blocks before they start to shrink
+        assert sizes[:whole] == [block_rows] * whole and sizes == sorted(sizes, reverse=True)
+        assert sizes[-2] == 4 and all(size % 4 == 0 for size in sizes[:-1])  # whole micro-batches, down to one
 
 
 def test_a_worker_killed_mid_run_is_replaced_and_every_image_is_predicted_once(small_folder, tmp_path):
