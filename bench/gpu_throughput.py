@@ -70,8 +70,7 @@ def forward_rates(model: str, crops: np.ndarray, batches: int = 10) -> dict[str,
     for _ in range(batches):
         classifier.top_k(crops)
     rates["c"] = batches * len(crops) / (time.perf_counter() - began)
-    batch = torch.from_numpy(crops).cuda().permute(0, 3, 1, 2).float().sub_(classifier.mean).div_(classifier.std)
-    batch = batch.contiguous(memory_format=torch.channels_last)
+    batch = classifier.normalised(torch.from_numpy(crops).cuda().permute(0, 3, 1, 2))
     chosen = torch.backends.cudnn.benchmark
     for autotune in (False, True):
         torch.backends.cudnn.benchmark = autotune
