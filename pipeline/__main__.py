@@ -9,10 +9,17 @@ sleep, and ``os._exit`` skips the teardown, which has nothing left to do.
 import os
 import sys
 
-from .cli import main
-from .cluster import release
+from . import local
 
-code = main()
+local.prestart(sys.argv[1:])  # before the imports below: the workers import torch meanwhile
+
+from .cli import main  # noqa: E402
+from .cluster import release  # noqa: E402
+
+try:
+    code = main()
+finally:  # a run that never took them (bad input, --help) stops them, and frees their semaphores
+    local.discard_prestarted()
 release()
 sys.stdout.flush()
 sys.stderr.flush()

@@ -24,6 +24,7 @@ import pyarrow as pa
 
 from . import graphs
 from .errors import UserError
+from .local import MAX_CPU_ACTORS
 from .models import ModelInfo, ModelSpec, describe, load_module
 from .preprocess import Preprocessing, decode, describe_error
 from .sources import Source
@@ -32,13 +33,6 @@ PRECISIONS = ("auto", "fp32", "bf16")
 DECODE_BYTES_PER_IMAGE = 4 * 1024 * 1024  # a photo's bytes plus its decoded pixels, generously
 MIN_OBJECT_STORE_BUDGET = 256 * 1024 * 1024  # decoded crops waiting for the model actors, at most
 CPU_BATCH_SIZE = 64  # images per batch a CPU actor receives (its forward pass uses micro-batches)
-# CPU actors are single-threaded, one per CPU, up to this many (each holds its own copy of the model);
-# beyond it, actors get more threads. On 2 cores, two 1-thread actors against one 2-thread actor:
-# resnet50 forward pass 12.2-12.5 against 10.9 img/s; whole runs steady 61-66 against 53-55 img/s
-# (efficientnet_lite0) and 14.8-15.2 against 12.3-12.8 (resnet50); on a 2-core AVX-512 EPYC, forward
-# pass 280-285 against 243-248 img/s (efficientnet_lite0) and 46.1-46.4 against 43-45 (resnet50). Intra-op
-# threads wait for each other at every layer, and any other process that preempts one stalls both.
-MAX_CPU_ACTORS = 8
 REMOTE_READ_THREADS = 8  # a CPU actor reading from s3:// or gs:// waits on the network, not on its CPU
 # Blocks of paths are at most 64 rows, so that work spreads evenly and progress arrives often, until
 # there would be more than this many: the driver puts and describes each block (~1.3 ms apiece), and

@@ -5,6 +5,10 @@ eight, each reading and decoding its own batches of paths), but Ray's start cost
 before the first prediction: its own processes, Ray Data's helper actors, and actors that import
 ``ray.data`` before they import torch. On 2 cores, over Imagenette's 3,925 images, a run went from
 24–29 s on Ray to 20.5 s this way (efficientnet_lite0), and from 106 s to 91 s (resnet50).
+
+``python -m pipeline run`` starts the workers first thing (``prestart``), so that their ~1 s of
+importing torch overlaps the CLI's own imports and its listing of the inputs; a worker loads the model
+from the first block's options. This module's imports stay light for that: the rest are made where used.
 """
 
 from __future__ import annotations
@@ -20,13 +24,24 @@ from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wai
 from concurrent.futures.process import BrokenProcessPool
 from multiprocessing.sharedctypes import Synchronized
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import numpy as np
-import pyarrow as pa
-
+from . import cluster
 from .cluster import LOCAL, ClusterInfo
 from .errors import UserError, one_line
-from .inference import Predictions, Predictor, PredictorOptions, cpu_micro_batch, failure_rows
+
+if TYPE_CHECKING:
+    import pyarrow as pa
+
+    from .inference import Predictions, Predictor, PredictorOptions
+
+# CPU workers (local, or Ray's CPU actors) are single-threaded, one per CPU, up to this many (each holds its
+# own copy of the model); beyond it, they get more threads. On 2 cores, two 1-thread actors against one
+# 2-thread actor: resnet50 forward pass 12.2-12.5 against 10.9 img/s; whole runs steady 61-66 against 53-55
+# img/s (efficientnet_lite0) and 14.8-15.2 against 12.3-12.8 (resnet50); on a 2-core AVX-512 EPYC, forward
+# pass 280-285 against 243-248 img/s (efficientnet_lite0) and 46.1-46.4 against 43-45 (resnet50). Intra-op
+# threads wait for each other at every layer, and any other process that preempts one stalls both.
+MAX_CPU_ACTORS = 8
 
 BLOCKS_PER_WORKER = 2  # in flight: one being predicted, one waiting, so a worker never idles between blocks
 PR_SET_PDEATHSIG = 1  # prctl(2): the signal this process gets when its parent ends
@@ -36,8 +51,9 @@ MAX_WORKER_DEATHS = 3  # deaths of a worker predicting a block alone, before the
 # imports the script that started it, and a script that calls ``runner.run`` unguarded runs it again there.
 STARTING_HINT = '; a script that calls pipeline.runner needs `if __name__ == "__main__":` around it'
 
-_predictor: Predictor | None = None  # the worker process's own, loaded once by _start_worker
-_start_failure: str | None = None
+_predictor: Predictor | None = None  # the worker process's own, loaded by its first block
+# Started by ``prestart`` for the next ``predictions``: the pool, its count of started workers, its size
+_prestarted: tuple[ProcessPoolExecutor, Synchronized, int] | None = None
 
 
 def machine() -> ClusterInfo:
@@ -63,24 +79,86 @@ def _die_with(driver: int) -> None:
         os._exit(1)
 
 
-def _start_worker(driver: int, started: Synchronized, options: PredictorOptions) -> None:
-    global _predictor, _start_failure
+def _start_worker(driver: int, started: Synchronized) -> None:
+    """Import what predicting needs before any block arrives (torch: ~1 s), then count this worker started."""
     _die_with(driver)
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the driver's: it stops the run and these workers
     os.environ["CUDA_VISIBLE_DEVICES"] = ""  # CPU workers, as Ray's are: a GPU run goes through Ray
-    os.environ["OMP_NUM_THREADS"] = str(options.threads or 1)
-    try:
-        _predictor = Predictor(options)
-    except Exception as error:  # reported with the first block, in one line, instead of a broken pool
-        _start_failure = f"the model could not be loaded in a worker process: {one_line(error)}"
+    os.environ["OMP_NUM_THREADS"] = "1"  # the Predictor sets the threads its options ask for
+    import torch  # noqa: F401
+
+    from . import inference  # noqa: F401
+
     with started.get_lock():
         started.value += 1
 
 
-def _predict(paths: list[str], truths: list[str | None]) -> Predictions:
+def _predict(options: PredictorOptions, paths: list[str], truths: list[str | None]) -> Predictions:
+    global _predictor
+    import numpy as np
+
     if _predictor is None:
-        raise UserError(_start_failure or "the worker process has no model")
+        from .inference import Predictor
+
+        try:
+            _predictor = Predictor(options)
+        except Exception as error:
+            raise UserError(f"the model could not be loaded in a worker process: {one_line(error)}") from None
     return _predictor.predict({"path": np.array(paths, dtype=object), "ground_truth": np.array(truths, dtype=object)})
+
+
+def _new_pool(workers: int) -> tuple[ProcessPoolExecutor, Synchronized]:
+    """A pool of ``workers`` processes, and its count of workers that got through ``_start_worker``."""
+    context = multiprocessing.get_context("spawn")
+    started = context.Value("i", 0)
+    return ProcessPoolExecutor(workers, context, _start_worker, (os.getpid(), started)), started
+
+
+def prestart(argv: list[str]) -> None:
+    """Start the workers of a ``run`` command line now, if it will likely run on this machine's CPUs:
+    one per CPU, as ``inference.plan`` lays them out. The run takes them if its plan has as many
+    (``predictions``); a run that goes to Ray kills them before Ray starts (``discard_prestarted``), so a
+    command line misread here (an abbreviated option) costs CPU for a moment, not a wrong run.
+    300-image runs took 2.69 s instead of 2.82 (efficientnet_lite0, 2 cores, six interleaved pairs).
+    """
+    global _prestarted
+    if _runs_here(argv):
+        workers = int(min(machine().cpus, MAX_CPU_ACTORS))
+        pool, started = _new_pool(workers)
+        for _ in range(workers):  # a pool starts a process for each task that finds none idle
+            pool.submit(int)
+        _prestarted = (pool, started, workers)
+
+
+def _runs_here(argv: list[str]) -> bool:
+    """Whether ``run`` with these arguments stays on this machine's CPUs: no Ray address or GPUs asked
+    for, no engine but ``local`` or ``auto``, no GPU here."""
+    if argv[:1] != ["run"]:
+        return False
+    for i, arg in enumerate(argv):
+        if arg.startswith(("--address", "--num-gpus")):
+            return False
+        if arg.startswith("--engine") and (arg.partition("=")[2] or "".join(argv[i + 1 : i + 2])) not in ("auto", "local"):
+            return False
+    return cluster.resolve_address(None) == LOCAL and not has_gpu()
+
+
+def discard_prestarted() -> None:
+    """Kill the prestarted workers, if any: a run that goes to Ray needs the CPUs they would use."""
+    _take_prestarted(0, 1)
+
+
+def _take_prestarted(workers: int, blocks: int) -> tuple[ProcessPoolExecutor, Synchronized] | None:
+    """The prestarted pool if it runs ``blocks`` blocks as ``workers`` workers would: it has as many, or
+    more but no more blocks than ``workers`` to keep them busy (a small run: the others stay idle, started
+    already). Otherwise it is killed: more workers than planned would take more CPUs than there are."""
+    global _prestarted
+    taken, _prestarted = _prestarted, None
+    if taken is not None and (taken[2] == workers or taken[2] > workers >= blocks):
+        return taken[0], taken[1]
+    if taken is not None:
+        _kill(taken[0])
+    return None
 
 
 Block = tuple[int, int]  # (first row, rows) of the inputs
@@ -119,24 +197,26 @@ def predictions(inputs: pa.Table, options: PredictorOptions, workers: int, block
     block shares its fate. However the iteration ends, the workers are killed: they hold nothing to
     save, and a worker left to exit by itself spends seconds tearing down torch on CPUs the next run may need.
     """
+    from .inference import cpu_micro_batch
+
     todo = deque(blocks(inputs.num_rows, block_rows, workers, cpu_micro_batch(options.threads or 1)))
     suspects: deque[Block] = deque()
     deaths: dict[Block, int] = {}
     idle_deaths = 0  # pools in a row that broke with no block in flight: no block to blame, so counted apart
-    context = multiprocessing.get_context("spawn")
+    prestarted = _take_prestarted(workers, len(todo))
     while todo or suspects:
-        started = context.Value("i", 0)  # workers of this pool that got through _start_worker
-        pool = ProcessPoolExecutor(workers, context, _start_worker, (os.getpid(), started, options))
+        pool, started = prestarted or _new_pool(workers)
+        prestarted = None
         pending: dict[Future, Block] = {}
         try:
             while todo or suspects or pending:
                 broken = None
                 if suspects:
                     if not pending:
-                        broken = _submit(pool, pending, inputs, suspects[0])
+                        broken = _submit(pool, pending, inputs, options, suspects[0])
                 else:
                     while todo and len(pending) < BLOCKS_PER_WORKER * workers and broken is None:
-                        broken = _submit(pool, pending, inputs, todo[0])
+                        broken = _submit(pool, pending, inputs, options, todo[0])
                         if broken is None:
                             todo.popleft()
                 done = wait(pending, return_when=FIRST_COMPLETED).done if pending else set()
@@ -171,11 +251,13 @@ def predictions(inputs: pa.Table, options: PredictorOptions, workers: int, block
             _kill(pool)
 
 
-def _submit(pool: ProcessPoolExecutor, pending: dict[Future, Block], inputs: pa.Table, block: Block) -> BrokenProcessPool | None:
+def _submit(
+    pool: ProcessPoolExecutor, pending: dict[Future, Block], inputs: pa.Table, options: PredictorOptions, block: Block
+) -> BrokenProcessPool | None:
     """Send a block to the pool; a pool that broke since the last wait (a worker died, busy or idle)
     refuses it, and the block was never sent."""
     try:
-        pending[pool.submit(_predict, *_block(inputs, block))] = block
+        pending[pool.submit(_predict, options, *_block(inputs, block))] = block
     except BrokenProcessPool as error:
         return error
     return None
@@ -183,6 +265,8 @@ def _submit(pool: ProcessPoolExecutor, pending: dict[Future, Block], inputs: pa.
 
 def _count_death(inputs: pa.Table, suspects: deque[Block], deaths: dict[Block, int], error: Exception) -> Iterator[pa.Table]:
     """The first suspect killed its worker alone: at its ``MAX_WORKER_DEATHS``-th death, error rows."""
+    from .inference import failure_rows
+
     block = suspects[0]
     deaths[block] = deaths.get(block, 0) + 1
     if deaths[block] >= MAX_WORKER_DEATHS:

@@ -109,7 +109,13 @@ def engine_for(engine: str, address: str | None, num_gpus: float | None, images:
 
 
 def resources_for(engine: str, address: str | None) -> cluster.ClusterInfo:
-    return local.machine() if engine == "local" else cluster.connect(address)
+    return local.machine() if engine == "local" else connect(address)
+
+
+def connect(address: str | None) -> cluster.ClusterInfo:
+    """Ray, for a run that goes there: worker processes started for a local run would only slow its start."""
+    local.discard_prestarted()
+    return cluster.connect(address)
 
 
 def label_inputs(listing: Listing, categories) -> pa.Table:
@@ -188,7 +194,7 @@ def start(request: RunRequest) -> tuple[Path, Source]:
     info, source, out = preflight(request)
     inputs_ready = in_background(lambda: _labelled_inputs(source, request.limit, info.categories))
     if engine_for(request.engine, request.address, request.num_gpus, 0) == "ray":
-        cluster.connect(request.address)
+        connect(request.address)
     skipped, inputs = inputs_ready()
     engine = engine_for(request.engine, request.address, request.num_gpus, inputs.num_rows)
     resources = resources_for(engine, request.address)

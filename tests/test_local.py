@@ -45,8 +45,10 @@ def options_for(folder) -> PredictorOptions:
 def test_local_and_ray_engines_give_the_same_predictions(small_folder, tmp_path):
     rows = {}
     for engine in ("local", "ray"):
+        local.prestart(["run"])  # as `python -m pipeline run` does: the local run takes them, the Ray run stops them
         path, manifest = run(RunRequest(data=str(small_folder), out=str(tmp_path / engine), batch_size=4, engine=engine))
         assert manifest.status == "complete" and manifest.engine == engine
+        assert not workers() and local._prestarted is None
         rows[engine] = {row["path"]: row for row in runs.read_predictions(path).to_pylist()}
     assert rows["local"].keys() == rows["ray"].keys() and len(rows["local"]) == 9
     for image, row in rows["local"].items():
@@ -187,8 +189,8 @@ from pipeline.models import ModelSpec, describe
 from pipeline.sources import open_source
 
 options = PredictorOptions(describe(ModelSpec()), threads=1, source=open_source({folder!r}))
-local._start_worker(os.getppid(), multiprocessing.Value("i", 0), options)
-predictions = local._predict({paths!r}, [None] * {count})
+local._start_worker(os.getppid(), multiprocessing.Value("i", 0))
+predictions = local._predict(options, {paths!r}, [None] * {count})
 print(sum(error is None for error in predictions.errors), *sorted(m for m in ("pandas", "ray") if m in sys.modules))
 """
 
@@ -200,3 +202,50 @@ def test_a_worker_predicts_without_importing_pandas_or_ray(small_folder):
     worker = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=cli_env(), timeout=300)
     assert worker.returncode == 0, worker.stderr
     assert worker.stdout.split() == [str(len(paths))]
+
+
+@pytest.mark.parametrize(
+    ("argv", "here"),
+    [
+        (["run", "--data", "images"], True),
+        (["run", "--engine", "local", "--limit", "5"], True),
+        (["run", "--engine=auto"], True),
+        (["run", "--engine", "ray"], False),
+        (["run", "--engine=ray"], False),
+        (["run", "--address", "ray://head:10001"], False),
+        (["run", "--num-gpus", "1"], False),
+        (["resume", "runs/x"], False),
+        (["preview"], False),
+    ],
+)
+def test_only_a_run_on_this_machines_cpus_starts_its_workers_early(argv, here, monkeypatch):
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    assert local._runs_here(argv) == (here and not local.has_gpu())
+    monkeypatch.setenv("RAY_ADDRESS", "ray://head:10001")
+    assert not local._runs_here(argv)
+
+
+def pids_while_predicting(folder, count: int, block_rows: int) -> set[int]:
+    seen = set()
+    for _ in local.predictions(inputs_of(folder), options_for(folder), count, block_rows, lambda: False):
+        seen |= {worker.pid for worker in workers()}
+    return seen
+
+
+def test_a_run_takes_prestarted_workers_that_fit_its_plan_and_kills_others(small_folder, monkeypatch):
+    """9 images: in blocks of 4 three blocks, one worker's plan; in blocks of 16 one block."""
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    if local.has_gpu():
+        pytest.skip("a GPU is visible: runs go to Ray, and nothing is prestarted")
+    size = int(min(local.machine().cpus, local.MAX_CPU_ACTORS))
+    for count, block_rows, taken in [(size, 4, True), (1, 16, True), (1, 4, size == 1)]:
+        local.prestart(["run"])
+        prestarted = {worker.pid for worker in workers()}
+        assert len(prestarted) == size
+        seen = pids_while_predicting(small_folder, count, block_rows)
+        assert (seen <= prestarted) == taken and bool(seen & prestarted) == taken, (count, block_rows)
+        assert not workers()
+    local.prestart(["run"])
+    assert workers()
+    local.discard_prestarted()
+    assert not workers()
