@@ -58,11 +58,13 @@ KEPT_FREE_BYTES = 256 * 1024 * 1024
 def keep_freed_memory() -> None:
     """Have glibc's malloc keep freed memory for the next batch instead of giving it back to the OS.
 
-    Every batch allocates the same big buffers (a 64-image float batch alone is 38.5 MB, past the 32 MB
-    up to which glibc can be told to serve from its heap); given back and faulted in again each time,
-    they cost a CPU worker ~200,000 page faults and a third of its CPU time a second (efficientnet_lite0,
-    2-core EPYC). The process then keeps up to ``KEPT_FREE_BYTES`` free for reuse. For processes that
-    only run batches (Ray actors, local workers, benchmarks), not for a server that also does other work.
+    Every batch allocates the same big buffers (activations, crops, rows; the 64-image float batch built
+    whole before micro-batches were normalised apart was 38.5 MB, past the 32 MB up to which glibc can be
+    told to serve from its heap); given back and faulted in again each time, they cost a CPU worker
+    ~200,000 page faults and a third of its CPU time a second (efficientnet_lite0, 2-core EPYC); without
+    this, a 64-image batch of the embedded model still takes ~164,000. The process then keeps up to
+    ``KEPT_FREE_BYTES`` free for reuse. For processes that only run batches (Ray actors, local workers,
+    benchmarks), not for a server that also does other work.
     """
     if not sys.platform.startswith("linux"):
         return

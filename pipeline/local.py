@@ -148,7 +148,10 @@ def _runs_here(argv: list[str]) -> bool:
 
 def discard_prestarted() -> None:
     """Kill the prestarted workers, if any: a run that goes to Ray needs the CPUs they would use."""
-    _take_prestarted(0, 1)
+    global _prestarted
+    if _prestarted is not None:
+        _kill(_prestarted[0])
+        _prestarted = None
 
 
 def _take_prestarted(workers: int, blocks: int) -> tuple[ProcessPoolExecutor, Synchronized] | None:
@@ -156,11 +159,11 @@ def _take_prestarted(workers: int, blocks: int) -> tuple[ProcessPoolExecutor, Sy
     more but no more blocks than ``workers`` to keep them busy (a small run: the others stay idle, started
     already). Otherwise it is killed: more workers than planned would take more CPUs than there are."""
     global _prestarted
-    taken, _prestarted = _prestarted, None
-    if taken is not None and (taken[2] == workers or taken[2] > workers >= blocks):
-        return taken[0], taken[1]
-    if taken is not None:
-        _kill(taken[0])
+    if _prestarted is not None and (_prestarted[2] == workers or _prestarted[2] > workers >= blocks):
+        pool, started, _ = _prestarted
+        _prestarted = None
+        return pool, started
+    discard_prestarted()
     return None
 
 

@@ -208,7 +208,7 @@ print((resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before) / 3)
 @pytest.mark.skipif(platform.libc_ver()[0] != "glibc", reason="glibc's malloc is what a CPU Predictor tunes; this is not glibc")
 def test_a_cpu_predictor_reuses_its_memory_from_batch_to_batch():
     """Freed buffers given back to the OS come back as page faults in the next batch: thousands of them
-    per batch (a 64-image float batch alone is 9,400 pages), a third of a worker's CPU time."""
+    per batch (~164,000 for this one without the setting), a third of a worker's CPU time."""
     result = subprocess.run(
         [sys.executable, "-c", FAULTS_PER_BATCH, str(SAMPLE)], capture_output=True, text=True, env=cli_env(), cwd=ROOT, timeout=300
     )
