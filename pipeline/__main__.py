@@ -11,15 +11,15 @@ import sys
 
 from . import local
 
-local.prestart(sys.argv[1:])  # before the imports below: the workers import torch meanwhile
+local.prestart(sys.argv[1:])  # before the imports below: the workers' fork server imports torch meanwhile
 
 from .cli import main  # noqa: E402
 from .cluster import release  # noqa: E402
 
 try:
     code = main()
-finally:  # a run that never took them (bad input, --help) stops them, and frees their semaphores
-    local.discard_prestarted()
+finally:  # not left to finish its import after a command that ended early (bad input, --help)
+    local.stop_fork_server()
 release()
 sys.stdout.flush()
 sys.stderr.flush()

@@ -113,8 +113,8 @@ def resources_for(engine: str, address: str | None) -> cluster.ClusterInfo:
 
 
 def connect(address: str | None) -> cluster.ClusterInfo:
-    """Ray, for a run that goes there: worker processes started for a local run would only slow its start."""
-    local.discard_prestarted()
+    """Ray, for a run that goes there: a fork server started for a local run would only slow its start."""
+    local.stop_fork_server()
     return cluster.connect(address)
 
 

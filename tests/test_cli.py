@@ -38,7 +38,7 @@ def test_run_prints_progress_and_the_run_folder_last(small_folder, tmp_path):
     assert ray_servers() <= before, "the CLI's local Ray outlived it"
 
 
-@pytest.mark.parametrize(("engine", "worker_title"), [("ray", "ray::MapWorker"), ("local", "-c from multiprocessing.spawn import")])
+@pytest.mark.parametrize(("engine", "worker_title"), [("ray", "ray::MapWorker"), ("local", "-c from multiprocessing.forkserver import")])
 def test_no_process_of_the_clis_workers_outlives_it(small_folder, tmp_path, engine, worker_title):
     """Its workers (a local Ray's, or its own processes) are killed, not left tearing down torch on
     the CPUs after the command returned."""

@@ -3,6 +3,7 @@
 import contextlib
 import dataclasses
 import itertools
+import os
 import subprocess
 import sys
 import threading
@@ -21,15 +22,22 @@ from pipeline.sources import open_source
 from .conftest import cli_env
 
 
-def workers() -> list[psutil.Process]:
-    """This test process's pool workers (not multiprocessing's resource tracker)."""
+def fork_servers() -> list[psutil.Process]:
+    """This test process's fork server (one at most), which the pools' workers fork from."""
     found = []
-    for child in psutil.Process().children(recursive=True):
-        try:
-            if "spawn_main" in " ".join(child.cmdline()):
+    for child in psutil.Process().children():
+        with contextlib.suppress(psutil.Error):
+            if "multiprocessing.forkserver" in " ".join(child.cmdline()) and child.status() != psutil.STATUS_ZOMBIE:
                 found.append(child)
-        except psutil.Error:
-            pass
+    return found
+
+
+def workers() -> list[psutil.Process]:
+    """This test process's pool workers (not multiprocessing's resource tracker, nor the fork server)."""
+    found = []
+    for server in fork_servers():
+        with contextlib.suppress(psutil.Error):
+            found += [worker for worker in server.children() if worker.status() != psutil.STATUS_ZOMBIE]
     return found
 
 
@@ -45,10 +53,10 @@ def options_for(folder) -> PredictorOptions:
 def test_local_and_ray_engines_give_the_same_predictions(small_folder, tmp_path):
     rows = {}
     for engine in ("local", "ray"):
-        local.prestart(["run"])  # as `python -m pipeline run` does: the local run takes them, the Ray run stops them
+        local.prestart(["run"])  # as `python -m pipeline run` does: the local run forks from it, the Ray run stops it
         path, manifest = run(RunRequest(data=str(small_folder), out=str(tmp_path / engine), batch_size=4, engine=engine))
         assert manifest.status == "complete" and manifest.engine == engine
-        assert not workers() and local._prestarted is None
+        assert not workers() and (engine == "local" or not fork_servers())
         rows[engine] = {row["path"]: row for row in runs.read_predictions(path).to_pylist()}
     assert rows["local"].keys() == rows["ray"].keys() and len(rows["local"]) == 9
     for image, row in rows["local"].items():
@@ -116,24 +124,15 @@ def test_a_batch_that_kills_its_worker_every_time_comes_back_as_error_rows(small
     assert f"a worker process died {local.MAX_WORKER_DEATHS} times predicting this batch" in rows[0]["error"]
 
 
-def test_workers_that_die_before_they_start_are_one_clear_error(small_folder):
-    """Every worker is killed as soon as it appears: no retries, one error that says so."""
-    done = threading.Event()
+def die_as_it_starts(driver: int, started) -> None:
+    os._exit(1)
 
-    def kill_workers():
-        while not done.is_set():
-            for worker in workers():
-                worker.kill()
-            done.wait(0.05)
 
-    killer = threading.Thread(target=kill_workers, daemon=True)
-    killer.start()
-    try:
-        with pytest.raises(UserError, match="worker processes died while starting"):
-            list(local.predictions(inputs_of(small_folder), options_for(small_folder), 1, 4, lambda: False))
-    finally:
-        done.set()
-        killer.join()
+def test_workers_that_die_before_they_start_are_one_clear_error(small_folder, monkeypatch):
+    """Every worker dies before it has started: no retries, one error that says so."""
+    monkeypatch.setattr(local, "_start_worker", die_as_it_starts)
+    with pytest.raises(UserError, match="worker processes died while starting"):
+        list(local.predictions(inputs_of(small_folder), options_for(small_folder), 1, 4, lambda: False))
 
 
 def test_stopping_ends_the_run_early_and_no_worker_outlives_it(small_folder):
@@ -225,27 +224,34 @@ def test_only_a_run_on_this_machines_cpus_starts_its_workers_early(argv, here, m
     assert not local._runs_here(argv)
 
 
-def pids_while_predicting(folder, count: int, block_rows: int) -> set[int]:
-    seen = set()
-    for _ in local.predictions(inputs_of(folder), options_for(folder), count, block_rows, lambda: False):
-        seen |= {worker.pid for worker in workers()}
-    return seen
-
-
-def test_a_run_takes_prestarted_workers_that_fit_its_plan_and_kills_others(small_folder, monkeypatch):
-    """9 images: in blocks of 4 three blocks, one worker's plan; in blocks of 16 one block."""
+def test_prestart_starts_the_fork_server_that_a_run_forks_its_workers_from(small_folder, monkeypatch):
     monkeypatch.delenv("RAY_ADDRESS", raising=False)
     if local.has_gpu():
         pytest.skip("a GPU is visible: runs go to Ray, and nothing is prestarted")
-    size = int(min(local.machine().cpus, local.MAX_CPU_ACTORS))
-    for count, block_rows, taken in [(size, 4, True), (1, 16, True), (1, 4, size == 1)]:
-        local.prestart(["run"])
-        prestarted = {worker.pid for worker in workers()}
-        assert len(prestarted) == size
-        seen = pids_while_predicting(small_folder, count, block_rows)
-        assert (seen <= prestarted) == taken and bool(seen & prestarted) == taken, (count, block_rows)
-        assert not workers()
+    local.stop_fork_server()
+    local.prestart(["preview"])
+    assert not fork_servers()
     local.prestart(["run"])
-    assert workers()
-    local.discard_prestarted()
-    assert not workers()
+    [server] = fork_servers()
+    seen = set()
+    for _ in local.predictions(inputs_of(small_folder), options_for(small_folder), 2, 1, lambda: False):
+        seen |= {worker.pid for worker in workers()}
+        assert fork_servers() == [server]
+    assert len(seen) == 2 and not workers()
+    local.stop_fork_server()
+    assert not fork_servers() and not server.is_running()
+
+
+@pytest.mark.parametrize("death", ["before the run", "as it forks a worker"])
+def test_a_fork_server_that_died_is_replaced_and_the_run_completes(small_folder, death):
+    inputs, options = inputs_of(small_folder), options_for(small_folder)
+    assert sum(block.num_rows for block in local.predictions(inputs, options, 1, 4, lambda: False)) == 9
+    [server] = fork_servers()
+    if death == "before the run":
+        server.kill()
+        os.waitid(os.P_PID, server.pid, os.WEXITED | os.WNOWAIT)  # dead, and not reaped here: as the OOM killer would leave it
+    else:
+        server.suspend()  # found alive, it takes the request to fork a worker and does not answer...
+        threading.Timer(0.5, server.kill).start()  # ...then dies with it unanswered
+    assert sum(block.num_rows for block in local.predictions(inputs, options, 1, 4, lambda: False)) == 9
+    assert len(fork_servers()) == 1 and fork_servers()[0].pid != server.pid

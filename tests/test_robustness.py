@@ -120,7 +120,7 @@ def assert_exactly_once(path: Path) -> None:
     assert manifest.counts.predicted == len(predicted) and manifest.counts.done == manifest.counts.inputs == 200
 
 
-@pytest.mark.parametrize(("engine", "worker_title"), [("ray", "ray::MapWorker"), ("local", "multiprocessing.spawn import spawn_main")])
+@pytest.mark.parametrize(("engine", "worker_title"), [("ray", "ray::MapWorker"), ("local", "multiprocessing.forkserver import main")])
 def test_a_killed_worker_loses_nothing(tmp_path, engine, worker_title):
     process = start_cli_run(tmp_path, "--engine", engine)
     try:
