@@ -67,16 +67,22 @@ def to_rgb(image: Image.Image) -> Image.Image:
     return image.convert("RGB") if image.mode != "RGB" else image
 
 
-def resize_crop(image: Image.Image, prep: Preprocessing) -> np.ndarray:
+def resize_crop(image: Image.Image, prep: Preprocessing, out: np.ndarray | None = None) -> np.ndarray:
     """Shorter side to ``prep.resize`` then centre crop, with torchvision's ``Resize(resize)`` +
-    ``CenterCrop(crop)`` geometry and Pillow's filters.
+    ``CenterCrop(crop)`` geometry and Pillow's filters, into ``out`` (crop, crop, 3) or a new array.
 
     torch's antialiased uint8 kernels resize the whole image, straight from Pillow's memory, then it is
     cropped: 0.21 ms against 0.55 for Pillow's bicubic resample of only the crop's box (0.33 bilinear),
     224-px Imagenette photos, the contiguous crop included (efficientnet_lite0's forward pass is ~6 ms an
     image on one core), with the same pixels. A very long or tall image, whose whole resize would be
     many times the crop, keeps Pillow's box resample.
+
+    An ``out`` of (crop, crop, 4) also takes the resize's 4th byte per pixel (padding: see ``pixels``),
+    so that the crop is copied whole rows at a time: 0.09 ms an image less than leaving it out. The
+    model never reads it (``Classifier`` takes the first three channels).
     """
+    if out is None:
+        out = np.empty((prep.crop, prep.crop, 3), dtype=np.uint8)
     width, height = image.size
     if width <= height:
         new_w, new_h = prep.resize, int(prep.resize * height / width)
@@ -85,14 +91,18 @@ def resize_crop(image: Image.Image, prep: Preprocessing) -> np.ndarray:
     top = round((new_h - prep.crop) / 2.0)
     left = round((new_w - prep.crop) / 2.0)
     if new_w * new_h <= MAX_RESIZED_PER_CROP * prep.crop * prep.crop:
+        import torch
         from torch.nn.functional import interpolate
 
         resized = interpolate(pixels(image), size=(new_h, new_w), mode=prep.interpolation, antialias=True)
-        return resized[0, :3, top : top + prep.crop, left : left + prep.crop].permute(1, 2, 0).contiguous().numpy()
+        channels = min(out.shape[2], resized.shape[1])
+        crop = resized[0, :channels, top : top + prep.crop, left : left + prep.crop].permute(1, 2, 0)
+        torch.from_numpy(out[..., :channels]).copy_(crop)
+        return out
     sx, sy = width / new_w, height / new_h
     box = (left * sx, top * sy, (left + prep.crop) * sx, (top + prep.crop) * sy)
-    out = image.resize((prep.crop, prep.crop), RESAMPLING[prep.interpolation], box=box, reducing_gap=None)
-    return np.asarray(out, dtype=np.uint8)
+    out[..., :3] = np.asarray(image.resize((prep.crop, prep.crop), RESAMPLING[prep.interpolation], box=box, reducing_gap=None))
+    return out
 
 
 def pixels(image: Image.Image):
@@ -109,9 +119,9 @@ def pixels(image: Image.Image):
     return lent.view(1, height, width, 4).permute(0, 3, 1, 2)
 
 
-def decode(data: bytes, prep: Preprocessing) -> np.ndarray:
-    """Bytes → (crop, crop, 3) uint8, ready for the model actor."""
-    return resize_crop(open_rgb(data, min_side=prep.resize), prep)
+def decode(data: bytes, prep: Preprocessing, out: np.ndarray | None = None) -> np.ndarray:
+    """Bytes → (crop, crop, 3) uint8, ready for the model actor; or into ``out`` (see ``resize_crop``)."""
+    return resize_crop(open_rgb(data, min_side=prep.resize), prep, out)
 
 
 def describe_error(error: Exception) -> str:

@@ -151,6 +151,9 @@ def test_cpu_fast_path_is_a_frozen_graph_that_answers_like_the_eager_network():
     assert fast_probabilities.shape == reference.shape == (7, 1000)
     assert torch.equal(fast_probabilities.argmax(1), reference.argmax(1))
     assert torch.allclose(fast_probabilities, reference, atol=1e-5)
+    padding = np.random.default_rng(0).integers(0, 256, (*crops.shape[:3], 1), dtype=np.uint8)
+    padded = np.concatenate([crops, padding], axis=3)  # as a worker decodes its own batches: a 4th byte, never read
+    assert torch.equal(fast.probabilities(padded), fast_probabilities)
 
 
 def test_bf16_on_cpu_keeps_the_eager_network():

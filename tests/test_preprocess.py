@@ -30,9 +30,13 @@ def test_matches_torchvision_resize_and_centre_crop(interpolation, size):
     image = photo().resize(size)
     prep = Preprocessing(256, 224, (0.5,) * 3, (0.5,) * 3, interpolation)
     reference = T.Compose([T.Resize(256, interpolation=T.InterpolationMode(interpolation)), T.CenterCrop(224)])(image)
-    ours = decode(encode(image, "PNG", compress_level=0), prep)
+    data = encode(image, "PNG", compress_level=0)
+    ours = decode(data, prep)
     assert ours.shape == (224, 224, 3) and ours.dtype == np.uint8 and ours.flags.c_contiguous  # copied into batches fast
     assert np.abs(ours.astype(int) - np.asarray(reference).astype(int)).mean() < 0.5
+    padded = np.zeros((2, 224, 224, 4), dtype=np.uint8)  # a batch whose crops keep a padding byte per pixel
+    written = decode(data, prep, padded[1])
+    assert np.shares_memory(written, padded) and np.array_equal(padded[1, ..., :3], ours) and not padded[0].any()
 
 
 def test_exif_orientation_is_applied():
