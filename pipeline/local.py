@@ -52,8 +52,9 @@ BLOCKS_PER_WORKER = 2  # in flight: one being predicted, one waiting, so a worke
 WORKER_IMPORTS = ["torch", f"{__package__}.inference"]  # what the fork server imports once for every worker
 MAX_WORKER_DEATHS = 3  # deaths of a worker predicting a block alone, before the block's images are listed as failed
 
-# The likeliest cause of workers that die before they have started, besides memory: a spawned worker
-# imports the script that started it, and a script that calls ``runner.run`` unguarded runs it again there.
+# The likeliest cause of workers that die before they have started, besides memory: a worker (forked from
+# the fork server, or spawned) imports the script that started it, and a script that calls ``runner.run``
+# unguarded runs it again there.
 STARTING_HINT = '; a script that calls pipeline.runner needs `if __name__ == "__main__":` around it'
 
 _predictor: Predictor | None = None  # the worker process's own, loaded by its first block
@@ -96,8 +97,7 @@ def _start_worker(driver: int, started: Synchronized) -> None:
     import it: the error then shows here), then count this worker started."""
     _die_with(driver)
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the driver's: it stops the run and these workers
-    os.environ["CUDA_VISIBLE_DEVICES"] = ""  # CPU workers, as Ray's are: a GPU run goes through Ray
-    os.environ["OMP_NUM_THREADS"] = "1"  # the Predictor sets the threads its options ask for
+    os.environ["CUDA_VISIBLE_DEVICES"] = ""  # CPU workers, as Ray's are: a GPU run goes through Ray (torch reads it lazily)
     import torch  # noqa: F401
 
     from . import inference  # noqa: F401
