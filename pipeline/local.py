@@ -92,11 +92,15 @@ def _exit_when_readable(handle: int) -> None:
     os._exit(1)
 
 
-def _start_worker(driver: int, started: Synchronized) -> None:
-    """Import what predicting needs before any block arrives (the fork server has, unless it could not
-    import it: the error then shows here), then count this worker started."""
+def _start_worker(driver: int, started: Synchronized, environment: dict[str, str]) -> None:
+    """Take the driver's environment as it was when the pool started (the fork server keeps the one it
+    started with: keys set since then would be missing), import what predicting needs before any block
+    arrives (the fork server has, unless it could not: the error then shows here), then count this
+    worker started."""
     _die_with(driver)
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the driver's: it stops the run and these workers
+    os.environ.clear()
+    os.environ.update(environment)
     os.environ["CUDA_VISIBLE_DEVICES"] = ""  # CPU workers, as Ray's are: a GPU run goes through Ray (torch reads it lazily)
     import torch  # noqa: F401
 
@@ -124,7 +128,7 @@ def _new_pool(workers: int) -> tuple[ProcessPoolExecutor, Synchronized]:
     """A pool of ``workers`` processes, and its count of workers that got through ``_start_worker``."""
     context = _context()
     started = context.Value("i", 0)
-    return ProcessPoolExecutor(workers, context, _start_worker, (os.getpid(), started)), started
+    return ProcessPoolExecutor(workers, context, _start_worker, (os.getpid(), started, dict(os.environ))), started
 
 
 def _context() -> BaseContext:

@@ -124,7 +124,7 @@ def test_a_batch_that_kills_its_worker_every_time_comes_back_as_error_rows(small
     assert f"a worker process died {local.MAX_WORKER_DEATHS} times predicting this batch" in rows[0]["error"]
 
 
-def die_as_it_starts(driver: int, started) -> None:
+def die_as_it_starts(driver: int, started, environment) -> None:
     os._exit(1)
 
 
@@ -188,7 +188,7 @@ from pipeline.models import ModelSpec, describe
 from pipeline.sources import open_source
 
 options = PredictorOptions(describe(ModelSpec()), threads=1, source=open_source({folder!r}))
-local._start_worker(os.getppid(), multiprocessing.Value("i", 0))
+local._start_worker(os.getppid(), multiprocessing.Value("i", 0), dict(os.environ))
 predictions = local._predict(options, {paths!r}, [None] * {count})
 print(sum(error is None for error in predictions.errors), *sorted(m for m in ("pandas", "ray") if m in sys.modules))
 """
@@ -255,3 +255,18 @@ def test_a_fork_server_that_died_is_replaced_and_the_run_completes(small_folder,
         threading.Timer(0.5, server.kill).start()  # ...then dies with it unanswered
     assert sum(block.num_rows for block in local.predictions(inputs, options, 1, 4, lambda: False)) == 9
     assert len(fork_servers()) == 1 and fork_servers()[0].pid != server.pid
+
+
+def test_workers_take_the_drivers_environment_as_their_pool_starts(monkeypatch):
+    """The fork server keeps the environment it started with; a key set since (credentials) reaches the workers."""
+    first, _ = local._new_pool(1)
+    try:
+        assert first.submit(os.getenv, "PIPELINE_TEST_SETTING").result(timeout=120) is None  # the fork server now runs
+    finally:
+        local._kill(first)
+    monkeypatch.setenv("PIPELINE_TEST_SETTING", "set since")
+    second, _ = local._new_pool(1)
+    try:
+        assert second.submit(os.getenv, "PIPELINE_TEST_SETTING").result(timeout=120) == "set since"
+    finally:
+        local._kill(second)
