@@ -137,6 +137,25 @@ def test_a_killed_worker_loses_nothing(tmp_path, engine, worker_title):
     assert_exactly_once(Path(stdout.strip().splitlines()[-1]))
 
 
+def test_ctrl_c_cancels_a_local_run_at_once_and_leaves_no_process(tmp_path):
+    """As a terminal's Ctrl-C does: SIGINT to the whole process group (driver, fork server, workers)."""
+    process = start_cli_run(tmp_path, "--engine", "local")
+    try:
+        path = wait_for_progress(tmp_path, 8)
+        children = psutil.Process(process.pid).children(recursive=True)
+        assert any("multiprocessing.forkserver" in " ".join(child.cmdline()) for child in children)
+        os.killpg(process.pid, signal.SIGINT)
+        _, stderr = process.communicate(timeout=30)
+    finally:
+        if process.poll() is None:
+            os.killpg(process.pid, signal.SIGKILL)
+    assert process.returncode == 1 and "interrupted from the keyboard" in stderr and "Traceback" not in stderr
+    time.sleep(0.5)
+    assert not [child for child in children if _running(child)]
+    manifest = runs.read_manifest(path)
+    assert manifest.status == "cancelled" and manifest.counts.predicted == len(runs.read_predictions(path)) < 200
+
+
 # Locally, one worker on batches of one image: at full speed the 200 images are done about a second
 # after the first predictions are written, too soon to kill the driver mid-run.
 @pytest.mark.parametrize(
