@@ -133,7 +133,7 @@ def _new_pool(workers: int) -> tuple[ProcessPoolExecutor, Synchronized]:
 
 def _context() -> BaseContext:
     """Workers forked from the fork server (started on first use, and again if it died), or spawned where
-    there is none (Windows). Forked, two workers are ready ~0.35 s sooner after the command starts, on 2
+    there is none (Windows). Forked, two workers are ready ~0.3 s sooner after the command starts, on 2
     cores, where the CLI imports its own modules meanwhile (efficientnet_lite0, 1,000 images: 5.23 s
     against 5.60, medians of eight interleaved pairs)."""
     if "forkserver" not in multiprocessing.get_all_start_methods():
