@@ -138,8 +138,9 @@ def test_a_killed_worker_loses_nothing(tmp_path, engine, worker_title):
 
 
 def test_ctrl_c_cancels_a_local_run_at_once_and_leaves_no_process(tmp_path):
-    """As a terminal's Ctrl-C does: SIGINT to the whole process group (driver, fork server, workers)."""
-    process = start_cli_run(tmp_path, "--engine", "local")
+    """As a terminal's Ctrl-C does: SIGINT to the whole process group (driver, fork server, workers).
+    One worker on batches of one image, so that the run is still going (as below)."""
+    process = start_cli_run(tmp_path, "--engine", "local", "--concurrency", "1", "--batch-size", "1")
     try:
         path = wait_for_progress(tmp_path, 8)
         children = psutil.Process(process.pid).children(recursive=True)
