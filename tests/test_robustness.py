@@ -105,9 +105,18 @@ def wait_for_progress(run_root: Path, at_least: int, timeout_s: float = 240) -> 
 
 
 def start_cli_run(out: Path, *extra: str, env: dict | None = None) -> subprocess.Popen:
+    """The CLI as started from a terminal: its own process group, and Ctrl-C not ignored (a shell
+    without job control, as CI's may be, starts background commands with SIGINT ignored)."""
     command = [sys.executable, "-m", "pipeline", "run", "--out", str(out), "--batch-size", "8", *extra]
     return subprocess.Popen(
-        command, cwd=ROOT, env=cli_env(env), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True
+        command,
+        cwd=ROOT,
+        env=cli_env(env),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
     )
 
 
