@@ -70,7 +70,7 @@ def forward_rates(model: str, crops: np.ndarray, batches: int = 10) -> dict[str,
     for _ in range(batches):
         classifier.top_k(crops)
     rates["c"] = batches * len(crops) / (time.perf_counter() - began)
-    batch = classifier.normalised(torch.from_numpy(crops).cuda().permute(0, 3, 1, 2))
+    batch = classifier.normalised(torch.from_numpy(crops).cuda())
     chosen = torch.backends.cudnn.benchmark
     for autotune in (False, True):
         torch.backends.cudnn.benchmark = autotune

@@ -3,6 +3,7 @@ import math
 import platform
 import subprocess
 import sys
+from dataclasses import replace
 
 import numpy as np
 import pyarrow as pa
@@ -151,9 +152,21 @@ def test_cpu_fast_path_is_a_frozen_graph_that_answers_like_the_eager_network():
     assert fast_probabilities.shape == reference.shape == (7, 1000)
     assert torch.equal(fast_probabilities.argmax(1), reference.argmax(1))
     assert torch.allclose(fast_probabilities, reference, atol=1e-5)
-    padding = np.random.default_rng(0).integers(0, 256, (*crops.shape[:3], 1), dtype=np.uint8)
-    padded = np.concatenate([crops, padding], axis=3)  # as a worker decodes its own batches: a 4th byte, never read
-    assert torch.equal(fast.probabilities(padded), fast_probabilities)
+
+
+def test_normalised_input_is_the_per_channel_formula_in_channels_last():
+    spec = parse_model(DEFAULT_MODEL)
+    info = describe(spec)
+    imagenet = replace(info.preprocessing, mean=(0.485, 0.456, 0.406), std=(0.229, 0.224, 0.225))  # a value per channel
+    classifier = Classifier(spec, device="cpu", precision="fp32", threads=1, info=replace(info, preprocessing=imagenet))
+    mean, std = (torch.tensor(values).view(1, 3, 1, 1) for values in (imagenet.mean, imagenet.std))
+    for width in (224, 97):  # the crop, and any other width
+        pixels = torch.from_numpy(np.random.default_rng(width).integers(0, 256, (3, 50, width, 3), dtype=np.uint8))
+        expected = (pixels.permute(0, 3, 1, 2).double() / 255 - mean) / std
+        got = classifier.normalised(pixels)
+        assert got.shape == (3, 3, 50, width) and got.dtype == torch.float32
+        assert got.is_contiguous(memory_format=torch.channels_last)
+        assert torch.allclose(got.double(), expected, atol=1e-5)
 
 
 def test_bf16_on_cpu_keeps_the_eager_network():

@@ -2,10 +2,11 @@ import io
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 from torchvision import transforms as T
 
-from pipeline.preprocess import Preprocessing, decode, describe_error, open_rgb
+from pipeline.preprocess import Preprocessing, crop_rgb, decode, describe_error, open_rgb
 
 from .conftest import SAMPLE
 
@@ -34,9 +35,19 @@ def test_matches_torchvision_resize_and_centre_crop(interpolation, size):
     ours = decode(data, prep)
     assert ours.shape == (224, 224, 3) and ours.dtype == np.uint8 and ours.flags.c_contiguous  # copied into batches fast
     assert np.abs(ours.astype(int) - np.asarray(reference).astype(int)).mean() < 0.5
-    padded = np.zeros((2, 224, 224, 4), dtype=np.uint8)  # a batch whose crops keep a padding byte per pixel
-    written = decode(data, prep, padded[1])
-    assert np.shares_memory(written, padded) and np.array_equal(padded[1, ..., :3], ours) and not padded[0].any()
+    batch = np.zeros((2, 224, 224, 3), dtype=np.uint8)
+    written = decode(data, prep, batch[1])
+    assert np.shares_memory(written, batch) and np.array_equal(batch[1], ours) and not batch[0].any()
+
+
+@pytest.mark.parametrize("shape, top, left", [((256, 256), 16, 16), ((256, 341), 16, 58), ((224, 300), 0, 38), ((300, 224), 38, 0)])
+def test_crop_rgb_repacks_4_byte_pixels_as_a_plain_copy_would(shape, top, left):
+    resized = torch.from_numpy(np.random.default_rng(0).integers(0, 256, (1, *shape, 4), dtype=np.uint8)).permute(0, 3, 1, 2)
+    window = resized[0, :3, top : top + 224, left : left + 224].permute(1, 2, 0).numpy()  # RGB, the padding byte dropped
+    for channels in (4, 3):  # Pillow's repacking of RGBX, and torch's copy of plain RGB
+        out = np.empty((224, 224, 3), dtype=np.uint8)
+        assert crop_rgb(resized[:, :channels].contiguous(memory_format=torch.channels_last), top, left, out) is out
+        assert np.array_equal(out, window)
 
 
 def test_exif_orientation_is_applied():
