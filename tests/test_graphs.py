@@ -134,6 +134,7 @@ def test_every_convolution_of_a_kept_graph_calls_onednn_and_answers_like_the_net
     kept = graphs.load(classifier.graph_path).graph
     assert len(kept.findAllNodes("aten::mkldnn_convolution")) == sum(isinstance(m, torch.nn.Conv2d) for m in network.modules()) > 30
     assert not kept.findAllNodes("aten::_convolution")
+    assert not kept.findAllNodes("aten::pad") and not kept.findAllNodes("aten::constant_pad_nd")  # same_padding_at_the_border
     eager = Classifier(parse_model(DEFAULT_MODEL), device="cpu", precision="fp32", fast_path=False)
     assert torch.allclose(probabilities, eager.probabilities(crops), atol=1e-4)
 
@@ -151,3 +152,23 @@ def test_a_torch_without_onednn_keeps_its_own_convolutions(monkeypatch):
     with torch.inference_mode():
         graph = graphs.frozen_graph(torch.nn.Conv2d(3, 4, 1).eval(), torch.rand(2, 3, 8, 8))
     assert not graph.graph.findAllNodes("aten::mkldnn_convolution") and graph.graph.findAllNodes("aten::_convolution")
+
+
+def test_same_padding_at_the_border_answers_like_timms_padding():
+    from timm.layers import Conv2dSame
+
+    network = torch.nn.Sequential(
+        Conv2dSame(3, 8, 3, stride=2), Conv2dSame(8, 8, 5, stride=2, groups=8), Conv2dSame(8, 4, 3, dilation=2)
+    ).eval()
+    rewritten = graphs.same_padding_at_the_border(network)
+    assert rewritten is not network and all(type(m) is Conv2dSame for m in network[:])  # the network itself is left as it was
+    assert not any(isinstance(m, Conv2dSame) for m in rewritten.modules())
+    with torch.inference_mode():
+        for size in [(32, 32), (33, 30), (7, 9)]:  # even and odd sides: the odd pixel of padding goes after
+            for layout in (torch.contiguous_format, torch.channels_last):
+                x = torch.rand(2, 3, *size).contiguous(memory_format=layout)
+                assert torch.equal(rewritten(x), network(x))
+        graph = graphs.frozen_graph(network, torch.rand(2, 3, 32, 32).contiguous(memory_format=torch.channels_last))
+    assert graph is not None and not graph.graph.findAllNodes("aten::pad") and not graph.graph.findAllNodes("aten::constant_pad_nd")
+    plain = torch.nn.Conv2d(3, 4, 3)
+    assert graphs.same_padding_at_the_border(plain) is plain
