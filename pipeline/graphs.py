@@ -133,7 +133,9 @@ def _border_padded_conv():
 
 
 def _same_padding(size: int, kernel: int, stride: int, dilation: int) -> int:
-    """Total padding of TF's "same" convolution along one dimension (timm's ``get_same_padding``)."""
+    """Total padding of TF's "same" convolution along one dimension, as timm's ``get_same_padding`` gives
+    it, in whole numbers: timm's, handed the sizes torch's tracer makes tensors of, divides in floats, and
+    a float tensor cannot slice the padded tensor."""
     return max((math.ceil(size / stride) - 1) * stride + (kernel - 1) * dilation + 1 - size, 0)
 
 
