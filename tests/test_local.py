@@ -23,11 +23,17 @@ from .conftest import cli_env
 
 
 def fork_servers() -> list[psutil.Process]:
-    """This test process's fork server (one at most), which the pools' workers fork from."""
+    """This test process's fork server (one at most), which the pools' workers fork from. One just started
+    may not have reached its exec yet, its command line still this process's: the standard library's
+    own counts by its pid."""
+    from multiprocessing import forkserver
+
+    started = forkserver._forkserver._forkserver_pid
     found = []
     for child in psutil.Process().children():
         with contextlib.suppress(psutil.Error):
-            if "multiprocessing.forkserver" in " ".join(child.cmdline()) and child.status() != psutil.STATUS_ZOMBIE:
+            ours = child.pid == started or "multiprocessing.forkserver" in " ".join(child.cmdline())
+            if ours and child.status() != psutil.STATUS_ZOMBIE:
                 found.append(child)
     return found
 
