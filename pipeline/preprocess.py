@@ -1,8 +1,8 @@
 """Decode, orient, resize and centre-crop images into uint8 arrays, on the CPU and batch-wise.
 
 The model actor receives uint8 crops (4× smaller than float32) and normalises them itself, so
-only the pixels the model needs ever cross the object store. JPEGs are decoded at reduced scale
-(Pillow's ``draft``) whenever the target is much smaller than the photo.
+only the pixels the model needs ever cross the object store. Plain JPEGs are decoded by simplejpeg,
+other images by Pillow: at reduced scale (``draft``) for JPEGs much bigger than the target.
 """
 
 from __future__ import annotations
@@ -14,6 +14,11 @@ from dataclasses import dataclass
 import numpy as np
 import pyarrow as pa
 from PIL import Image, ImageOps
+
+try:  # libjpeg-turbo without Pillow's per-image overhead; optional: a Ray cluster's nodes may not have it
+    import simplejpeg
+except ImportError:
+    simplejpeg = None
 
 # Pillow's own guard: images over this many pixels are refused as decompression bombs.
 Image.MAX_IMAGE_PIXELS = 178_956_970
@@ -80,21 +85,39 @@ def resize_crop(image: Image.Image, prep: Preprocessing, out: np.ndarray | None 
     if out is None:
         out = np.empty((prep.crop, prep.crop, 3), dtype=np.uint8)
     width, height = image.size
-    if width <= height:
-        new_w, new_h = prep.resize, int(prep.resize * height / width)
-    else:
-        new_w, new_h = int(prep.resize * width / height), prep.resize
-    top = round((new_h - prep.crop) / 2.0)
-    left = round((new_w - prep.crop) / 2.0)
-    if new_w * new_h <= MAX_RESIZED_PER_CROP * prep.crop * prep.crop:
-        from torch.nn.functional import interpolate
-
-        resized = interpolate(pixels(image), size=(new_h, new_w), mode=prep.interpolation, antialias=True)
-        return crop_rgb(resized, top, left, out)
+    new_w, new_h = _resized_size(width, height, prep)
+    if _resizes_whole(new_w, new_h, prep):
+        return _resize_whole(pixels(image), prep, out)
+    top, left = _crop_corner(new_w, new_h, prep)
     sx, sy = width / new_w, height / new_h
     box = (left * sx, top * sy, (left + prep.crop) * sx, (top + prep.crop) * sy)
     out[...] = np.asarray(image.resize((prep.crop, prep.crop), RESAMPLING[prep.interpolation], box=box, reducing_gap=None))
     return out
+
+
+def _resized_size(width: int, height: int, prep: Preprocessing) -> tuple[int, int]:
+    """(width, height) with the shorter side at ``prep.resize``, as torchvision's ``Resize`` rounds it."""
+    if width <= height:
+        return prep.resize, int(prep.resize * height / width)
+    return int(prep.resize * width / height), prep.resize
+
+
+def _resizes_whole(new_w: int, new_h: int, prep: Preprocessing) -> bool:
+    return new_w * new_h <= MAX_RESIZED_PER_CROP * prep.crop * prep.crop
+
+
+def _crop_corner(new_w: int, new_h: int, prep: Preprocessing) -> tuple[int, int]:
+    """(top, left) of the centre crop, as torchvision's ``CenterCrop`` rounds it."""
+    return round((new_h - prep.crop) / 2.0), round((new_w - prep.crop) / 2.0)
+
+
+def _resize_whole(image, prep: Preprocessing, out: np.ndarray) -> np.ndarray:
+    """Resize a (1, C, H, W) uint8 tensor whole (shorter side to ``prep.resize``), then crop it into ``out``."""
+    from torch.nn.functional import interpolate
+
+    new_w, new_h = _resized_size(image.shape[3], image.shape[2], prep)
+    resized = interpolate(image, size=(new_h, new_w), mode=prep.interpolation, antialias=True)
+    return crop_rgb(resized, *_crop_corner(new_w, new_h, prep), out)
 
 
 def crop_rgb(resized, top: int, left: int, out: np.ndarray) -> np.ndarray:
@@ -136,7 +159,37 @@ def pixels(image: Image.Image):
 
 def decode(data: bytes, prep: Preprocessing, out: np.ndarray | None = None) -> np.ndarray:
     """Bytes → (crop, crop, 3) uint8, ready for the model actor; or into ``out``."""
-    return resize_crop(open_rgb(data, min_side=prep.resize), prep, out)
+    if out is None:
+        out = np.empty((prep.crop, prep.crop, 3), dtype=np.uint8)
+    plain = _plain_jpeg(data, prep)
+    return resize_crop(open_rgb(data, min_side=prep.resize), prep, out) if plain is None else _resize_whole(plain, prep, out)
+
+
+def _plain_jpeg(data: bytes, prep: Preprocessing):
+    """The pixels of a JPEG that ``open_rgb`` would decode as it is stored, as a (1, 4, H, W) RGBX tensor
+    decoded by simplejpeg: libjpeg-turbo with Pillow's settings (accurate integer IDCT, smooth upsampling),
+    so the same pixels, without Pillow's overhead (decode and crop of a 224-px Imagenette photo: 0.24 ms
+    against 0.34; efficientnet_lite0's forward pass takes ~6 ms an image on one core).
+
+    None, for ``open_rgb`` to decode, where Pillow would do more than decode: another format or colour
+    space than YCbCr or grey, an orientation tag (EXIF, or XMP's that Pillow also reads), a decode at
+    reduced scale (``draft``), a whole resize too big for ``_resize_whole``; or where simplejpeg fails
+    (a corrupt file: Pillow may still read it, or says why not). Those size bounds keep decompression
+    bombs out too: the image is at most a few times the crop."""
+    if simplejpeg is None or data[:3] != b"\xff\xd8\xff" or b"Exif\x00\x00" in data or b"tiff:Orientation" in data:
+        return None
+    import torch
+
+    try:
+        height, width, colorspace, _ = simplejpeg.decode_jpeg_header(data)
+        if colorspace not in ("YCbCr", "Gray") or min(width // prep.resize, height // prep.resize) >= 2:
+            return None
+        if not _resizes_whole(*_resized_size(width, height, prep), prep):
+            return None
+        rgbx = simplejpeg.decode_jpeg(data, "RGBX")
+    except ValueError:
+        return None
+    return torch.from_numpy(rgbx).unsqueeze(0).permute(0, 3, 1, 2)
 
 
 def describe_error(error: Exception) -> str:

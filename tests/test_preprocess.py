@@ -6,7 +6,8 @@ import torch
 from PIL import Image
 from torchvision import transforms as T
 
-from pipeline.preprocess import Preprocessing, crop_rgb, decode, describe_error, open_rgb
+from pipeline import preprocess
+from pipeline.preprocess import Preprocessing, crop_rgb, decode, describe_error, open_rgb, resize_crop
 
 from .conftest import SAMPLE
 
@@ -50,12 +51,74 @@ def test_crop_rgb_repacks_4_byte_pixels_as_a_plain_copy_would(shape, top, left):
         assert np.array_equal(out, window)
 
 
+def by_pillow(data: bytes) -> np.ndarray:
+    return resize_crop(open_rgb(data, min_side=PREP.resize), PREP)
+
+
+def test_the_shipped_photos_decode_by_simplejpeg_to_pillows_pixels():
+    photos = sorted(SAMPLE.rglob("*.JPEG"))
+    assert len(photos) >= 100
+    for path in photos:
+        data = path.read_bytes()
+        assert preprocess._plain_jpeg(data, PREP) is not None, path
+        assert np.array_equal(decode(data, PREP), by_pillow(data)), path
+
+
+@pytest.mark.parametrize("mode", ["RGB", "L"])
+@pytest.mark.parametrize(
+    "options",
+    [{"quality": 95}, {"subsampling": 0}, {"subsampling": 1}, {"progressive": True, "quality": 60}, {"optimize": True}],
+    ids=["4:2:0", "4:4:4", "4:2:2", "progressive", "optimised"],
+)
+@pytest.mark.parametrize("size", [(224, 300), (301, 225), (150, 150), (511, 400)])  # (511, 400): the largest not decoded at reduced scale
+def test_plain_jpegs_decode_by_simplejpeg_to_pillows_pixels(size, options, mode):
+    data = encode(photo().resize(size).convert(mode), "JPEG", **options)
+    assert preprocess._plain_jpeg(data, PREP) is not None
+    assert np.array_equal(decode(data, PREP), by_pillow(data))
+
+
+def rotated_90() -> Image.Exif:
+    exif = Image.Exif()
+    exif[0x0112] = 6  # rotate 90° clockwise to display
+    return exif
+
+
+def orientation_in_xmp() -> bytes:
+    xmp = b'<x:xmpmeta xmlns:x="adobe:ns:meta/"><rdf:Description tiff:Orientation="6"/></x:xmpmeta>'
+    return encode(photo().resize((300, 224)), "JPEG", xmp=xmp)
+
+
+@pytest.mark.parametrize(
+    "make",
+    [
+        lambda: encode(photo().resize((300, 224)), "JPEG", exif=rotated_90()),
+        orientation_in_xmp,
+        lambda: encode(photo().convert("CMYK"), "JPEG"),
+        lambda: encode(photo().resize((1024, 768)), "JPEG"),
+        lambda: encode(photo().resize((120, 700)), "JPEG"),
+        lambda: encode(photo(), "PNG"),
+    ],
+    ids=["exif-orientation", "xmp-orientation", "cmyk", "reduced-scale", "long", "png"],
+)
+def test_what_pillow_does_more_than_decode_takes_pillows_path(make):
+    data = make()
+    assert preprocess._plain_jpeg(data, PREP) is None
+    assert np.array_equal(decode(data, PREP), by_pillow(data))
+
+
+def test_without_simplejpeg_pillow_decodes_every_image(monkeypatch):
+    """A Ray cluster's nodes may lack the optional package."""
+    data = encode(photo().resize((300, 224)), "JPEG")
+    expected = decode(data, PREP)
+    monkeypatch.setattr(preprocess, "simplejpeg", None)
+    assert preprocess._plain_jpeg(data, PREP) is None
+    assert np.array_equal(decode(data, PREP), expected)
+
+
 def test_exif_orientation_is_applied():
     image = Image.new("RGB", (400, 200), "white")
     image.paste((255, 0, 0), (0, 0, 200, 200))  # left half red
-    exif = Image.Exif()
-    exif[0x0112] = 6  # rotate 90° clockwise to display
-    upright = open_rgb(encode(image, "JPEG", exif=exif))
+    upright = open_rgb(encode(image, "JPEG", exif=rotated_90()))
     assert upright.size == (200, 400)
     top = np.asarray(upright)[:100].mean(axis=(0, 1))
     assert top[0] > 200 and top[1] < 80  # the red half is now on top
