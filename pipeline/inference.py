@@ -187,7 +187,7 @@ class Classifier:
         short = self.micro_batch - len(chunk)
         if short:
             chunk = torch.cat([chunk, chunk[-1:].expand(short, -1, -1, -1)]).contiguous(memory_format=torch.channels_last)
-        return self.graph(chunk)[: self.micro_batch - short]
+        return graphs.run(self.graph, chunk)[: self.micro_batch - short]
 
 
 def cpu_micro_batch(threads: int) -> int:

@@ -172,3 +172,17 @@ def test_same_padding_at_the_border_answers_like_timms_padding():
     assert graph is not None and not graph.graph.findAllNodes("aten::pad") and not graph.graph.findAllNodes("aten::constant_pad_nd")
     plain = torch.nn.Conv2d(3, 4, 3)
     assert graphs.same_padding_at_the_border(plain) is plain
+
+
+def test_a_kept_graph_runs_as_frozen_with_the_same_logits_as_the_executors_optimisation(cache):
+    classifier = fast_classifier()
+    crops = sample_crops(classifier.micro_batch, classifier.preprocessing)
+    classifier.probabilities(crops)  # builds and keeps the graph
+    with torch.inference_mode():
+        batch = classifier.normalised(torch.from_numpy(crops))
+        frozen = graphs.load(classifier.graph_path)
+        as_frozen = [graphs.run(frozen, batch) for _ in range(3)]
+        assert torch._C._get_graph_executor_optimize()  # the thread's setting is back
+        optimised = graphs.load(classifier.graph_path)
+        by_the_executor = [optimised(batch) for _ in range(3)]  # profiled, rewritten, then run
+    assert all(torch.equal(logits, by_the_executor[-1]) for logits in as_frozen + by_the_executor)
