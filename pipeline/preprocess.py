@@ -176,7 +176,7 @@ def _plain_jpeg(data: bytes, prep: Preprocessing):
     reduced scale (``draft``), a whole resize too big for ``_resize_whole``; or where simplejpeg fails
     (a corrupt file: Pillow may still read it, or says why not). Those size bounds keep decompression
     bombs out too: the image is at most a few times the crop."""
-    if simplejpeg is None or data[:3] != b"\xff\xd8\xff" or b"Exif\x00\x00" in data or b"tiff:Orientation" in data:
+    if simplejpeg is None or data[:3] != b"\xff\xd8\xff":
         return None
     import torch
 
@@ -185,6 +185,8 @@ def _plain_jpeg(data: bytes, prep: Preprocessing):
         if colorspace not in ("YCbCr", "Gray") or min(width // prep.resize, height // prep.resize) >= 2:
             return None
         if not _resizes_whole(*_resized_size(width, height, prep), prep):
+            return None
+        if b"Exif\x00\x00" in data or b"tiff:Orientation" in data:  # after the size checks: a big photo is not scanned
             return None
         rgbx = simplejpeg.decode_jpeg(data, "RGBX")
     except ValueError:
