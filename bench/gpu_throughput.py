@@ -2,7 +2,9 @@
 
 (b)  ``python -m pipeline run`` as a user types it, with the defaults it picks on a GPU (two actors
      sharing it, bf16 + channels_last, batches of 512, decoding in CPU tasks that overlap inference);
-     also (b2) one actor holding the whole GPU (``--num-gpus 1``) and (b3) three sharing it (``--concurrency 3``)
+     also (b2) one actor holding the whole GPU (``--num-gpus 1``) and (b3) three sharing it (``--concurrency 3``),
+     and (bl) the same on local worker processes instead of Ray (``--engine local``: two workers share the
+     GPU, each decoding its batches on threads)
 (c)  the forward pass as the actor runs it (uint8 crops in host memory → GPU → normalise → top-k),
      and the model alone on a batch already on the GPU (the card's limit)
 (d)  a plain PyTorch DataLoader loop on the same GPU, one decoding worker per spare CPU
@@ -110,7 +112,7 @@ def main() -> None:
     parser.add_argument("--data", default=str(SHARED) if SHARED.is_dir() else str(ROOT / "pipeline" / "sample_data" / "imagenette"))
     parser.add_argument("--model", default="resnet152")
     parser.add_argument("--images", type=int, default=40_000, help="the folder is repeated to this many images")
-    parser.add_argument("--skip", default="", help="comma-separated parts to skip (a,b,b2,b3,c,d,check,start)")
+    parser.add_argument("--skip", default="", help="comma-separated parts to skip (a,b,b2,b3,bl,c,d,check,start)")
     args = parser.parse_args()
     if not torch.cuda.is_available():
         raise SystemExit("no CUDA GPU here: this benchmark measures the GPU path (bench/throughput.py measures CPUs)")
@@ -153,7 +155,7 @@ def main() -> None:
         ray_init = measure([sys.executable, "-c", "import ray; ray.init(include_dashboard=False)"], env).seconds
         first = first_prediction_s(args.model, env, "cuda")
         print(f"start-up: a fresh process through ray.init {ray_init:.1f} s; to a first GPU prediction {first:.1f} s", flush=True)
-    for name, extra in (("b", ()), ("b2", ("--num-gpus", "1")), ("b3", ("--concurrency", "3"))):
+    for name, extra in (("b", ()), ("b2", ("--num-gpus", "1")), ("b3", ("--concurrency", "3")), ("bl", ("--engine", "local"))):
         if name not in skip:
             result = timed_project_run(str(data), args.model, work, env, f"bench-{name}", *extra, track_pss=True)
             r[name], r[f"{name}_steady"] = result["whole"], result["steady"]
@@ -177,6 +179,7 @@ def main() -> None:
         r["a"] = args.images / tutorial.seconds
         print(f"(a) tutorial pipeline: {r['a']:.0f} img/s ({tutorial.seconds:.1f} s), peak RSS {tutorial.rss:.1f} GiB", flush=True)
     pairs = (("b", "a"), ("b", "c"), ("b", "d"), ("b_steady", "c"), ("b_steady", "b2_steady"), ("b_steady", "b3_steady"))
+    pairs += (("bl", "b"), ("bl_steady", "b_steady"), ("bl", "d"))
     print("ratios: " + ", ".join(f"{top}/{bottom} {r[top] / r[bottom]:.2f}" for top, bottom in pairs if top in r and bottom in r))
 
 

@@ -63,7 +63,8 @@ with st.form("launch"):
         format_func=ENGINE_LABELS.get,
         help=(
             f"Local worker processes skip Ray's start-up (seconds of CPU): auto uses them for up to {LOCAL_MAX_IMAGES:,} images "
-            "on this machine's CPUs, and Ray Data for bigger runs, GPUs and clusters."
+            "on this machine's CPUs, and Ray Data for bigger runs, GPUs and clusters. Chosen, local workers also run on this "
+            "machine's GPUs."
         ),
     )
     if resources:

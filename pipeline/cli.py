@@ -21,7 +21,7 @@ from .runs import ENGINES, format_duration, list_runs
 from .sources import SAMPLE_DATA, list_images, open_source
 
 ENGINE_HELP = (
-    "what runs the model: ray (Ray Data), local (worker processes on this machine's CPUs, no Ray start-up), "
+    "what runs the model: ray (Ray Data), local (worker processes on this machine, its CPUs or GPUs, no Ray start-up), "
     f"or auto (default: local for up to {LOCAL_MAX_IMAGES:,} images on this machine's CPUs, else ray)"
 )
 

@@ -243,6 +243,9 @@ class PredictorOptions:
     # Set: the actor receives paths and reads and decodes them itself (build_dataset clears it where
     # decode tasks feed the actors).
     source: Source | None = None
+    # Threads that read and decode an actor's batches (default: ``threads``): a local GPU worker has many,
+    # for torch's one thread. Pillow, simplejpeg and torch's resize release the GIL.
+    decode_threads: int | None = None
 
 
 class Predictor:
@@ -256,10 +259,10 @@ class Predictor:
         self.topk = options.topk
         self.label_set = options.label_set
         self.source = options.source
-        workers = options.threads or 1
+        readers = options.decode_threads or options.threads or 1
         if options.source is not None and options.source.scheme != "file":
-            workers = max(workers, REMOTE_READ_THREADS)
-        self.pool = ThreadPoolExecutor(workers) if options.source is not None and workers > 1 else None
+            readers = max(readers, REMOTE_READ_THREADS)
+        self.pool = ThreadPoolExecutor(readers) if options.source is not None and readers > 1 else None
 
     def __call__(self, batch: dict[str, np.ndarray]) -> pa.Table:
         return self.predict(batch).rows()

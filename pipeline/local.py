@@ -1,10 +1,12 @@
-"""Runs on this machine's CPUs without Ray: worker processes that each hold a ``Predictor``.
+"""Runs on this machine's CPUs (or GPUs) without Ray: worker processes that each hold a ``Predictor``.
 
 On one machine's CPUs the work is laid out as on Ray (one single-threaded worker per CPU, up to
 eight, each reading and decoding its own batches of paths), but Ray's start costs seconds of CPU
 before the first prediction: its own processes, Ray Data's helper actors, and actors that import
 ``ray.data`` before they import torch. On 2 cores, over Imagenette's 3,925 images, a run went from
-24–29 s on Ray to 20.5 s this way (efficientnet_lite0), and from 106 s to 91 s (resnet50).
+24–29 s on Ray to 20.5 s this way (efficientnet_lite0), and from 106 s to 91 s (resnet50). With
+``gpus``, the workers are laid out as Ray's GPU actors are (two per GPU), each given one GPU, and
+read and decode their own batches on threads.
 
 Workers fork from a server process that imported torch and this package's model code once (~1 s
 of a core), instead of each importing them. ``python -m pipeline run`` starts that server first
@@ -16,13 +18,14 @@ the rest are made where used.
 from __future__ import annotations
 
 import contextlib
+import math
 import multiprocessing
 import os
 import select
 import signal
 import threading
 from collections import deque
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
 from concurrent.futures.process import BrokenProcessPool
 from multiprocessing.sharedctypes import Synchronized
@@ -61,17 +64,40 @@ _predictor: Predictor | None = None  # the worker process's own, loaded by its f
 
 
 def machine() -> ClusterInfo:
-    """The CPUs this process may run on (its affinity, as a container or ``taskset`` sets it); no GPUs."""
+    """The CPUs this process may run on (its affinity, as a container or ``taskset`` sets it), and its GPUs."""
     cpus = float(len(os.sched_getaffinity(0)))
-    return ClusterInfo(LOCAL, cpus, 0.0, cpus)
+    return ClusterInfo(LOCAL, cpus, float(len(gpu_ids())), cpus)
 
 
 def has_gpu() -> bool:
     """Whether an NVIDIA GPU is visible here, found without importing torch (seconds) or starting Ray."""
-    visible = os.environ.get("CUDA_VISIBLE_DEVICES")
-    if visible is not None and visible.strip() in ("", "-1"):
-        return False
-    return any(Path("/proc/driver/nvidia/gpus").glob("*")) or any(Path("/dev").glob("nvidia[0-9]*"))
+    return bool(gpu_ids())
+
+
+def gpu_ids() -> list[str]:
+    """The NVIDIA GPUs visible here, as ``CUDA_VISIBLE_DEVICES`` names them (indices, or the UUIDs it may
+    list), found without importing torch (seconds): a GPU worker is given one of them as its only GPU."""
+    cards = len(list(Path("/proc/driver/nvidia/gpus").glob("*"))) or len(list(Path("/dev").glob("nvidia[0-9]*")))
+    return visible_gpus(cards, os.environ.get("CUDA_VISIBLE_DEVICES"))
+
+
+def visible_gpus(cards: int, visible: str | None) -> list[str]:
+    """Of ``cards`` GPUs, those ``CUDA_VISIBLE_DEVICES`` leaves visible, read as CUDA reads it: up to the
+    first entry that names no GPU ("-1", or nothing)."""
+    if not cards or visible is None:
+        return [str(index) for index in range(cards)]
+    names = []
+    for name in visible.split(","):
+        if name.strip() in ("", "-1"):
+            break
+        names.append(name.strip())
+    return names
+
+
+def decode_threads(cpus: float, workers: int) -> int:
+    """Threads that read and decode in each GPU worker: twice its share of the CPUs, since a worker
+    decodes only while its batch is not on the GPU, and the workers sharing a GPU take turns there."""
+    return max(1, math.ceil(2 * cpus / workers))
 
 
 def _die_with(driver: int) -> None:
@@ -92,16 +118,20 @@ def _exit_when_readable(handle: int) -> None:
     os._exit(1)
 
 
-def _start_worker(driver: int, started: Synchronized, environment: dict[str, str]) -> None:
+def _start_worker(driver: int, started: Synchronized, environment: dict[str, str], gpus: list[str], joined: Synchronized) -> None:
     """Take the driver's environment as it was when the pool started (the fork server keeps the one it
-    started with: keys set since then would be missing), import what predicting needs before any block
-    arrives (the fork server has, unless it could not: the error then shows here), then count this
-    worker started."""
+    started with: keys set since then would be missing) and this worker's GPU (the next of ``gpus`` in
+    turn, none for CPU workers), import what predicting needs before any block arrives (the fork server
+    has, unless it could not: the error then shows here), then count this worker started."""
     _die_with(driver)
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the driver's: it stops the run and these workers
     os.environ.clear()
     os.environ.update(environment)
-    os.environ["CUDA_VISIBLE_DEVICES"] = ""  # CPU workers, as Ray's are: a GPU run goes through Ray (torch reads it lazily)
+    with joined.get_lock():
+        turn = joined.value
+        joined.value += 1
+    # torch reads it when CUDA first starts, here after the fork: the fork server never starts CUDA
+    os.environ["CUDA_VISIBLE_DEVICES"] = gpus[turn % len(gpus)] if gpus else ""
     import torch  # noqa: F401
 
     from . import inference  # noqa: F401
@@ -124,11 +154,13 @@ def _predict(options: PredictorOptions, paths: list[str], truths: list[str | Non
     return _predictor.predict({"path": np.array(paths, dtype=object), "ground_truth": np.array(truths, dtype=object)})
 
 
-def _new_pool(workers: int) -> tuple[ProcessPoolExecutor, Synchronized]:
-    """A pool of ``workers`` processes, and its count of workers that got through ``_start_worker``."""
+def _new_pool(workers: int, gpus: list[str]) -> tuple[ProcessPoolExecutor, Synchronized]:
+    """A pool of ``workers`` processes, spread over ``gpus`` in turn (none: CPU workers), and its count of
+    workers that got through ``_start_worker``."""
     context = _context()
-    started = context.Value("i", 0)
-    return ProcessPoolExecutor(workers, context, _start_worker, (os.getpid(), started, dict(os.environ))), started
+    started, joined = context.Value("i", 0), context.Value("i", 0)
+    initargs = (os.getpid(), started, dict(os.environ), gpus, joined)
+    return ProcessPoolExecutor(workers, context, _start_worker, initargs), started
 
 
 def _context() -> BaseContext:
@@ -144,8 +176,8 @@ def _context() -> BaseContext:
 
 
 def prestart(argv: list[str]) -> None:
-    """Start the fork server for a ``run`` command line now, if it will likely run on this machine's CPUs,
-    so that its import of torch overlaps the CLI's. A run that goes to Ray stops it before Ray starts
+    """Start the fork server for a ``run`` command line now, if it will likely run in local workers, so
+    that its import of torch overlaps the CLI's. A run that goes to Ray stops it before Ray starts
     (``stop_fork_server``), so a command line misread here costs CPU for a moment, not a wrong run."""
     if _runs_here(argv) and _context().get_start_method() == "forkserver":
         from multiprocessing import forkserver
@@ -154,18 +186,20 @@ def prestart(argv: list[str]) -> None:
 
 
 def _runs_here(argv: list[str]) -> bool:
-    """Whether ``run`` with these arguments stays on this machine's CPUs: no Ray address or GPUs asked
-    for, no engine but ``local`` or ``auto``, no GPU here."""
+    """Whether ``run`` with these arguments goes to local workers: no Ray address, and ``--engine local``,
+    or ``auto`` with no GPUs asked for and none here."""
     if argv[:1] != ["run"]:
         return False
+    engine, gpus_asked = "auto", False
     for i, arg in enumerate(argv):
-        if arg.startswith(("--address", "--num-gpus")):
+        if arg.startswith("--address"):
             return False
+        gpus_asked = gpus_asked or arg.startswith("--num-gpus")
         if arg.startswith("--engine"):
             engine = arg.partition("=")[2] if "=" in arg else (argv[i + 1] if i + 1 < len(argv) else "")
-            if engine not in ("auto", "local"):
-                return False
-    return cluster.resolve_address(None) == LOCAL and not has_gpu()
+    if engine not in ("auto", "local") or cluster.resolve_address(None) != LOCAL:
+        return False
+    return engine == "local" or not (gpus_asked or has_gpu())
 
 
 def stop_fork_server() -> None:
@@ -205,8 +239,11 @@ def _block(inputs: pa.Table, block: Block) -> tuple[list[str], list[str | None]]
     return rows.column("path").to_pylist(), rows.column("ground_truth").to_pylist()
 
 
-def predictions(inputs: pa.Table, options: PredictorOptions, workers: int, block_rows: int, stop: Callable[[], bool]) -> Iterator[pa.Table]:
-    """Prediction rows (and error rows) for ``inputs``, block by block as the workers finish them.
+def predictions(
+    inputs: pa.Table, options: PredictorOptions, workers: int, block_rows: int, stop: Callable[[], bool], gpus: Sequence[str] = ()
+) -> Iterator[pa.Table]:
+    """Prediction rows (and error rows) for ``inputs``, block by block as the workers finish them, on
+    CPUs, or with ``gpus`` (``gpu_ids``) shared by the workers in turn.
 
     At most ``BLOCKS_PER_WORKER`` blocks per worker are in flight, so memory does not grow with the
     dataset. ``stop`` is checked as each block comes back. A worker that dies (killed for memory, a
@@ -223,7 +260,7 @@ def predictions(inputs: pa.Table, options: PredictorOptions, workers: int, block
     deaths: dict[Block, int] = {}
     idle_deaths = 0  # pools in a row that broke with no block in flight: no block to blame, so counted apart
     while todo or suspects:
-        pool, started = _new_pool(workers)
+        pool, started = _new_pool(workers, list(gpus))
         pending: dict[Future, Block] = {}
         try:
             while todo or suspects or pending:

@@ -12,7 +12,7 @@ import signal
 import threading
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TypeVar
 
@@ -95,8 +95,8 @@ def check_engine(engine: str, address: str | None, num_gpus: float | None) -> No
         raise UserError(f"engine must be one of {', '.join(ENGINES)}")
     if engine == "local" and (resolved := cluster.resolve_address(address)) != cluster.LOCAL:
         raise UserError(f"--engine local runs on this machine, not on the Ray cluster at {resolved!r}")
-    if engine == "local" and num_gpus:
-        raise UserError("--engine local runs on CPUs; GPUs need Ray (--engine ray)")
+    if engine == "local" and num_gpus and not local.has_gpu():
+        raise UserError(f"--num-gpus {num_gpus:g} asked for, but this machine has no GPU for --engine local")
 
 
 def engine_for(engine: str, address: str | None, num_gpus: float | None, images: int) -> str:
@@ -346,7 +346,10 @@ def execute(path: Path, on_progress: ProgressCallback | None = None, source: Sou
             label_set_indices = tuple(model.categories.index(name) for name in manifest.label_set or ())
             options = PredictorOptions(model, params.topk, params.precision, work.threads, label_set_indices, source)
             if manifest.engine == "local":
-                batches = local.predictions(todo, options, work.concurrency, work.batch_size, stop)
+                gpus = local.gpu_ids() if work.num_gpus else []
+                if gpus:  # torch's CPU work is small beside the GPU's: the CPUs read and decode
+                    options = replace(options, threads=1, decode_threads=local.decode_threads(info.cpus, work.concurrency))
+                batches = local.predictions(todo, options, work.concurrency, work.batch_size, stop, gpus)
             else:
                 batches = build_dataset(todo, options, work).iter_batches(batch_format="pyarrow", batch_size=None, prefetch_batches=1)
             for batch in batches:

@@ -130,7 +130,7 @@ def test_a_batch_that_kills_its_worker_every_time_comes_back_as_error_rows(small
     assert f"a worker process died {local.MAX_WORKER_DEATHS} times predicting this batch" in rows[0]["error"]
 
 
-def die_as_it_starts(driver: int, started, environment) -> None:
+def die_as_it_starts(driver: int, started, environment, gpus, joined) -> None:
     os._exit(1)
 
 
@@ -161,9 +161,65 @@ def test_a_model_that_cannot_load_in_the_workers_is_one_clear_error(small_folder
     assert not workers()
 
 
-def test_this_machine_has_its_cpus_and_no_gpus():
+def test_this_machine_has_its_cpus_and_the_gpus_it_lets_this_process_see(monkeypatch):
     machine = local.machine()
-    assert machine.cpus == len(psutil.Process().cpu_affinity()) and machine.gpus == 0
+    assert machine.cpus == len(psutil.Process().cpu_affinity()) and machine.gpus == len(local.gpu_ids())
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "")
+    assert local.machine().gpus == 0 and not local.has_gpu()
+
+
+@pytest.mark.parametrize(
+    ("cards", "visible", "gpus"),
+    [
+        (0, None, []),
+        (0, "0,1", []),  # no driver, no GPU, whatever the variable says
+        (2, None, ["0", "1"]),
+        (4, "2,3", ["2", "3"]),
+        (4, " 3 , GPU-8f6e", ["3", "GPU-8f6e"]),
+        (2, "", []),
+        (2, "-1", []),
+        (4, "1,-1,2", ["1"]),  # CUDA reads up to the first entry that names no GPU
+        (4, "1,,2", ["1"]),
+    ],
+)
+def test_the_gpus_a_worker_may_be_given_are_the_visible_ones(cards, visible, gpus):
+    assert local.visible_gpus(cards, visible) == gpus
+
+
+def test_gpu_workers_take_the_gpus_in_turn_and_cpu_workers_see_none():
+    """Each GPU worker's CUDA_VISIBLE_DEVICES names one GPU (torch reads it when CUDA starts, after the fork)."""
+    pool, _ = local._new_pool(2, ["3", "5"])
+    try:
+        # each task holds its worker long enough that the other task goes to the other worker
+        futures = [pool.submit(slow_environment, 2.0) for _ in range(2)]
+        seen = dict(future.result(timeout=120) for future in futures)
+    finally:
+        local._kill(pool)
+    assert sorted(seen.values()) == ["3", "5"]
+    pool, _ = local._new_pool(1, [])
+    try:
+        assert pool.submit(slow_environment, 0.0).result(timeout=120)[1] == ""
+    finally:
+        local._kill(pool)
+
+
+def slow_environment(seconds: float) -> tuple[int, str | None]:
+    import time
+
+    time.sleep(seconds)
+    return os.getpid(), os.environ.get("CUDA_VISIBLE_DEVICES")
+
+
+def test_gpu_workers_decode_on_twice_their_share_of_the_cpus():
+    assert local.decode_threads(16, 2) == 16 and local.decode_threads(128, 16) == 16 and local.decode_threads(2, 8) == 1
+
+
+def test_many_decoding_threads_give_the_same_predictions_as_one(small_folder):
+    """A GPU worker reads and decodes its batch on many threads, for torch's one: same rows, same order."""
+    inputs = inputs_of(small_folder)
+    one = pa.concat_tables(local.predictions(inputs, options_for(small_folder), 1, 9, lambda: False))
+    many = dataclasses.replace(options_for(small_folder), decode_threads=4)
+    assert pa.concat_tables(local.predictions(inputs, many, 1, 9, lambda: False)).equals(one)
 
 
 SCRIPT = """
@@ -194,7 +250,7 @@ from pipeline.models import ModelSpec, describe
 from pipeline.sources import open_source
 
 options = PredictorOptions(describe(ModelSpec()), threads=1, source=open_source({folder!r}))
-local._start_worker(os.getppid(), multiprocessing.Value("i", 0), dict(os.environ))
+local._start_worker(os.getppid(), multiprocessing.Value("i", 0), dict(os.environ), [], multiprocessing.Value("i", 0))
 predictions = local._predict(options, {paths!r}, [None] * {count})
 print(sum(error is None for error in predictions.errors), *sorted(m for m in ("pandas", "pyarrow.compute", "ray") if m in sys.modules))
 """
@@ -229,6 +285,12 @@ def test_only_a_run_on_this_machines_cpus_starts_its_workers_early(argv, here, m
     assert local._runs_here(argv) == (here and not local.has_gpu())
     monkeypatch.setenv("RAY_ADDRESS", "ray://head:10001")
     assert not local._runs_here(argv)
+
+
+def test_a_run_asked_for_local_workers_starts_them_early_even_with_gpus(monkeypatch):
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    assert local._runs_here(["run", "--engine", "local", "--num-gpus", "0.5"])
+    assert not local._runs_here(["run", "--engine", "local", "--engine", "ray"])  # the last one counts, as argparse reads it
 
 
 def test_prestart_starts_the_fork_server_that_a_run_forks_its_workers_from(small_folder, monkeypatch):
@@ -266,14 +328,26 @@ def test_a_fork_server_that_died_is_replaced_and_the_run_completes(small_folder,
 
 def test_workers_take_the_drivers_environment_as_their_pool_starts(monkeypatch):
     """The fork server keeps the environment it started with; a key set since (credentials) reaches the workers."""
-    first, _ = local._new_pool(1)
+    first, _ = local._new_pool(1, [])
     try:
         assert first.submit(os.getenv, "PIPELINE_TEST_SETTING").result(timeout=120) is None  # the fork server now runs
     finally:
         local._kill(first)
     monkeypatch.setenv("PIPELINE_TEST_SETTING", "set since")
-    second, _ = local._new_pool(1)
+    second, _ = local._new_pool(1, [])
     try:
         assert second.submit(os.getenv, "PIPELINE_TEST_SETTING").result(timeout=120) == "set since"
     finally:
         local._kill(second)
+
+
+@pytest.mark.skipif(not local.has_gpu(), reason="needs an NVIDIA GPU (none here)")
+def test_local_workers_run_on_this_machines_gpu_and_answer_like_its_cpus(small_folder, tmp_path):
+    on_gpu, manifest = run(RunRequest(data=str(small_folder), out=str(tmp_path), engine="local"))
+    assert manifest.status == "complete" and manifest.counts.predicted == 9
+    assert manifest.device.startswith("1× CUDA worker process(es), fp32, batch 512, on this machine")
+    on_cpus, manifest = run(RunRequest(data=str(small_folder), out=str(tmp_path), engine="local", num_gpus=0.0))
+    assert manifest.device.startswith("1× CPU worker process(es)")
+    gpu, cpu = (runs.read_predictions(path, columns=["path", "label"]).sort_by("path") for path in (on_gpu, on_cpus))
+    assert gpu.column("path").equals(cpu.column("path"))
+    assert sum(a == b for a, b in zip(gpu.column("label").to_pylist(), cpu.column("label").to_pylist(), strict=True)) >= 8
