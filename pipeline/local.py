@@ -134,8 +134,13 @@ def _start_worker(driver: int, started: Synchronized, environment: dict[str, str
     os.environ["CUDA_VISIBLE_DEVICES"] = gpus[turn % len(gpus)] if gpus else ""
     import torch  # noqa: F401
 
-    from . import inference  # noqa: F401
+    from . import inference
 
+    # A worker only runs batches, with the same big buffers every batch (a GPU worker's 512 crops are
+    # 77 MB): kept for the next batch instead of mapped and faulted in again. CPU workers' Predictors ask
+    # for this anyway, as Ray's CPU actors' do; for a GPU worker's decoding (512-image batches on 2 threads,
+    # five interleaved pairs here) it took page faults from 0.8 an image to none, median 3,771 against 3,631 img/s.
+    inference.keep_freed_memory()
     with started.get_lock():
         started.value += 1
 
