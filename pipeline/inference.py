@@ -246,6 +246,9 @@ class PredictorOptions:
     # Threads that read and decode an actor's batches (default: ``threads``): a local GPU worker has many,
     # for torch's one thread. Pillow, simplejpeg and torch's resize release the GIL.
     decode_threads: int | None = None
+    # None: CUDA where this process sees a GPU (Ray gives a GPU actor its own), else the CPU. A local GPU
+    # worker asks for "cuda": without one, its run fails in one line instead of crawling on one CPU thread.
+    device: str | None = None
 
 
 class Predictor:
@@ -253,7 +256,7 @@ class Predictor:
     (uint8 crops, or paths it reads and decodes itself) into prediction rows."""
 
     def __init__(self, options: PredictorOptions):
-        self.classifier = Classifier(options.info.spec, precision=options.precision, threads=options.threads, info=options.info)
+        self.classifier = Classifier(options.info.spec, options.device, options.precision, options.threads, info=options.info)
         if self.classifier.device == "cpu":
             keep_freed_memory()
         self.topk = options.topk

@@ -77,7 +77,8 @@ def has_gpu() -> bool:
 def gpu_ids() -> list[str]:
     """The NVIDIA GPUs visible here, as ``CUDA_VISIBLE_DEVICES`` names them (indices, or the UUIDs it may
     list), found without importing torch (seconds): a GPU worker is given one of them as its only GPU."""
-    cards = len(list(Path("/proc/driver/nvidia/gpus").glob("*"))) or len(list(Path("/dev").glob("nvidia[0-9]*")))
+    # the device nodes first: a container is given only its GPUs' nodes, where the driver's list may show every GPU
+    cards = len(list(Path("/dev").glob("nvidia[0-9]*"))) or len(list(Path("/proc/driver/nvidia/gpus").glob("*")))
     return visible_gpus(cards, os.environ.get("CUDA_VISIBLE_DEVICES"))
 
 

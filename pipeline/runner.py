@@ -348,7 +348,7 @@ def execute(path: Path, on_progress: ProgressCallback | None = None, source: Sou
             if manifest.engine == "local":
                 gpus = local.gpu_ids() if work.num_gpus else []
                 if gpus:  # torch's CPU work is small beside the GPU's: the CPUs read and decode
-                    options = replace(options, threads=1, decode_threads=local.decode_threads(info.cpus, work.concurrency))
+                    options = replace(options, threads=1, decode_threads=local.decode_threads(info.cpus, work.concurrency), device="cuda")
                 batches = local.predictions(todo, options, work.concurrency, work.batch_size, stop, gpus)
             else:
                 batches = build_dataset(todo, options, work).iter_batches(batch_format="pyarrow", batch_size=None, prefetch_batches=1)

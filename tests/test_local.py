@@ -214,6 +214,13 @@ def test_gpu_workers_decode_on_twice_their_share_of_the_cpus():
     assert local.decode_threads(16, 2) == 16 and local.decode_threads(128, 16) == 16 and local.decode_threads(2, 8) == 1
 
 
+@pytest.mark.skipif(local.has_gpu(), reason="this machine has a GPU: its workers would use it")
+def test_a_gpu_worker_without_a_gpu_fails_the_run_in_one_line_instead_of_crawling_on_a_cpu(small_folder):
+    on_gpu = dataclasses.replace(options_for(small_folder), device="cuda")
+    with pytest.raises(UserError, match=r"the model could not be loaded in a worker process: .*(CUDA|NVIDIA|GPU)"):
+        list(local.predictions(inputs_of(small_folder), on_gpu, 1, 4, lambda: False, ["0"]))
+
+
 def test_many_decoding_threads_give_the_same_predictions_as_one(small_folder):
     """A GPU worker reads and decodes its batch on many threads, for torch's one: same rows, same order."""
     inputs = inputs_of(small_folder)
