@@ -16,7 +16,7 @@ from pipeline.runs import ENGINES, format_duration
 ENGINE_LABELS = {
     "auto": "auto: local processes for small CPU runs, else Ray Data",
     "ray": "Ray Data",
-    "local": "local processes on this machine's CPUs (no Ray)",
+    "local": "local processes on this machine, its CPUs or GPUs (no Ray)",
 }
 settings = widgets.current_settings()
 root = widgets.runs_root(settings)
@@ -126,7 +126,7 @@ def live_view(run_id: str) -> None:
     m5.metric("Top-1 so far", widgets.percent(manifest.accuracy.top1))
     if manifest.reason and manifest.status != "complete":
         (st.warning if manifest.status in ("cancelled", "interrupted") else st.error)(manifest.reason)
-    buttons = st.columns([1, 1, 4])
+    buttons = st.columns([1, 2, 3])  # wide enough for "Open in Analytics" on one line
     if manifest.status == "running" and buttons[0].button("Cancel", key=f"cancel-{run_id}"):
         runs.request_cancel(path)
         st.toast("Cancelling after the batch in flight…")
