@@ -28,6 +28,7 @@ from collections import deque
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
 from concurrent.futures.process import BrokenProcessPool
+from dataclasses import replace
 from multiprocessing.sharedctypes import Synchronized
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -249,7 +250,8 @@ def predictions(
     inputs: pa.Table, options: PredictorOptions, workers: int, block_rows: int, stop: Callable[[], bool], gpus: Sequence[str] = ()
 ) -> Iterator[pa.Table]:
     """Prediction rows (and error rows) for ``inputs``, block by block as the workers finish them, on
-    CPUs, or with ``gpus`` (``gpu_ids``) shared by the workers in turn.
+    CPUs, or with ``gpus`` (``gpu_ids``) shared by the workers in turn: each then asks for CUDA and reads
+    and decodes on ``decode_threads`` threads, for torch's one.
 
     At most ``BLOCKS_PER_WORKER`` blocks per worker are in flight, so memory does not grow with the
     dataset. ``stop`` is checked as each block comes back. A worker that dies (killed for memory, a
@@ -261,6 +263,8 @@ def predictions(
     """
     from .inference import cpu_micro_batch
 
+    if gpus:  # torch's CPU work is small beside the GPU's: the CPUs read and decode
+        options = replace(options, threads=1, decode_threads=decode_threads(machine().cpus, workers), device="cuda")
     todo = deque(blocks(inputs.num_rows, block_rows, workers, cpu_micro_batch(options.threads or 1)))
     suspects: deque[Block] = deque()
     deaths: dict[Block, int] = {}

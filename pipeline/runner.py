@@ -12,7 +12,7 @@ import signal
 import threading
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TypeVar
 
@@ -347,8 +347,6 @@ def execute(path: Path, on_progress: ProgressCallback | None = None, source: Sou
             options = PredictorOptions(model, params.topk, params.precision, work.threads, label_set_indices, source)
             if manifest.engine == "local":
                 gpus = local.gpu_ids() if work.num_gpus else []
-                if gpus:  # torch's CPU work is small beside the GPU's: the CPUs read and decode
-                    options = replace(options, threads=1, decode_threads=local.decode_threads(info.cpus, work.concurrency), device="cuda")
                 batches = local.predictions(todo, options, work.concurrency, work.batch_size, stop, gpus)
             else:
                 batches = build_dataset(todo, options, work).iter_batches(batch_format="pyarrow", batch_size=None, prefetch_batches=1)
