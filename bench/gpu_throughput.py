@@ -4,7 +4,7 @@
      sharing it, bf16 + channels_last, batches of 512, decoding in CPU tasks that overlap inference);
      also (b2) one actor holding the whole GPU (``--num-gpus 1``) and (b3) three sharing it (``--concurrency 3``),
      and (bl) the same on local worker processes instead of Ray (``--engine local``: two workers share the
-     GPU, each decoding its batches on threads)
+     GPU, each with its share of the CPUs in processes that decode its batches)
 (c)  the forward pass as the actor runs it (uint8 crops in host memory → GPU → normalise → top-k),
      and the model alone on a batch already on the GPU (the card's limit)
 (d)  a plain PyTorch DataLoader loop on the same GPU, one decoding worker per spare CPU
@@ -60,7 +60,7 @@ def decode_rate(files: list[str], model: str, count: int = 500) -> float:
 
 def forward_rates(model: str, crops: np.ndarray, batches: int = 10) -> dict[str, float]:
     """img/s as the actor runs a batch (host uint8 in, top-k out), and of the network alone on a batch
-    already on the GPU, with cuDNN's autotuner off and on (the Classifier turns it on)."""
+    already on the GPU, with cuDNN's autotuner off (as the Classifier runs it) and on."""
     import torch
 
     classifier = Classifier(parse_model(model), device="cuda")

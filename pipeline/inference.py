@@ -213,10 +213,18 @@ def decode_batch(
     preprocessing: Preprocessing,
     pool: ThreadPoolExecutor | None = None,
 ) -> dict[str, np.ndarray]:
-    """Read and decode a block of paths (on ``pool``'s threads when given: Pillow and reads release
-    the GIL); an unreadable file becomes a row with an ``error``."""
+    """Read and decode a block of paths (on ``pool``'s threads when given: reads wait on the network);
+    an unreadable file becomes a row with an ``error``."""
     paths = batch["path"]
-    images = np.zeros((len(paths), preprocessing.crop, preprocessing.crop, 3), dtype=np.uint8)
+    images = np.empty((len(paths), preprocessing.crop, preprocessing.crop, 3), dtype=np.uint8)
+    errors = decode_into(images, paths, source, preprocessing, pool)
+    return {"path": paths, "ground_truth": batch["ground_truth"], "image": images, "error": np.array(errors, dtype=object)}
+
+
+def decode_into(
+    images: np.ndarray, paths: Sequence, source: Source, preprocessing: Preprocessing, pool: ThreadPoolExecutor | None = None
+) -> list[str]:
+    """Decode ``paths`` into ``images``, row by row; why each one that failed did ("" where none did), its row black."""
     errors = [""] * len(paths)
 
     def decode_one(i: int) -> None:
@@ -224,13 +232,14 @@ def decode_batch(
             decode(source.read(str(paths[i])), preprocessing, images[i])
         except Exception as error:
             errors[i] = describe_error(error)
+            images[i] = 0  # not the crop that memory last held (a decoder's is reused block after block)
 
     if pool is None:
         for i in range(len(paths)):
             decode_one(i)
     else:
         list(pool.map(decode_one, range(len(paths))))
-    return {"path": paths, "ground_truth": batch["ground_truth"], "image": images, "error": np.array(errors, dtype=object)}
+    return errors
 
 
 @dataclass(frozen=True)
@@ -243,9 +252,6 @@ class PredictorOptions:
     # Set: the actor receives paths and reads and decodes them itself (build_dataset clears it where
     # decode tasks feed the actors).
     source: Source | None = None
-    # Threads that read and decode an actor's batches (default: ``threads``): a local GPU worker has many,
-    # for torch's one thread. Pillow, simplejpeg and torch's resize release the GIL.
-    decode_threads: int | None = None
     # None: CUDA where this process sees a GPU (Ray gives a GPU actor its own), else the CPU. A local GPU
     # worker asks for "cuda": without one, its run fails in one line instead of crawling on one CPU thread.
     device: str | None = None
@@ -262,7 +268,7 @@ class Predictor:
         self.topk = options.topk
         self.label_set = options.label_set
         self.source = options.source
-        readers = options.decode_threads or options.threads or 1
+        readers = options.threads or 1
         if options.source is not None and options.source.scheme != "file":
             readers = max(readers, REMOTE_READ_THREADS)
         self.pool = ThreadPoolExecutor(readers) if options.source is not None and readers > 1 else None

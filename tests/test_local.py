@@ -8,6 +8,7 @@ import subprocess
 import sys
 import threading
 
+import numpy as np
 import psutil
 import pyarrow as pa
 import pytest
@@ -210,8 +211,65 @@ def slow_environment(seconds: float) -> tuple[int, str | None]:
     return os.getpid(), os.environ.get("CUDA_VISIBLE_DEVICES")
 
 
-def test_gpu_workers_decode_on_twice_their_share_of_the_cpus():
-    assert local.decode_threads(16, 2) == 16 and local.decode_threads(128, 16) == 16 and local.decode_threads(2, 8) == 1
+def test_gpu_workers_each_have_their_share_of_the_cpus_decode_for_them():
+    assert local.decoders_per_worker(16, 2) == 8 and local.decoders_per_worker(96, 16) == 6 and local.decoders_per_worker(2, 8) == 1
+
+
+def test_decoders_decode_as_the_worker_itself_would_errors_included(small_folder):
+    """A GPU worker's decoding processes write the crops into memory they share with it: the same pixels
+    and the same reasons for files that fail, block after block in the same memory."""
+    from pipeline.inference import decode_batch
+
+    (small_folder / "broken.JPEG").write_bytes(b"\xff\xd8\xff not really a JPEG")
+    paths = [str(p) for p in sorted(small_folder.rglob("*.JPEG"))]
+    source, preprocessing = open_source(str(small_folder)), describe(ModelSpec()).preprocessing
+    decoders = local.Decoders(source, preprocessing, len(paths), processes=4)
+    try:
+        for block in (paths, paths[::-1][3:]):  # the second, shorter block overwrites the first one's crops
+            truths = [f"truth of {path}" for path in block]
+            decoded = decoders.decode(block, truths)
+            batch = {"path": np.array(block, dtype=object), "ground_truth": np.array(truths, dtype=object)}
+            expected = decode_batch(batch, source, preprocessing)
+            assert decoded["image"].shape == expected["image"].shape and (decoded["image"] == expected["image"]).all()
+            assert decoded["error"].tolist() == expected["error"].tolist() and sum(map(bool, decoded["error"])) == 1
+            assert decoded["path"].tolist() == block and decoded["ground_truth"].tolist() == truths
+            processes = {process.pid for process in decoders.pool._processes.values()}
+            assert len(processes) == 4 and os.getpid() not in processes
+    finally:
+        decoders.close()
+
+
+DYING_DECODER = """
+import os, signal, sys
+from pipeline import local
+from pipeline.models import ModelSpec, describe
+from pipeline.sources import open_source
+
+decoders = local.Decoders(open_source({folder!r}), describe(ModelSpec()).preprocessing, 4, processes=2)
+print(*[process.pid for process in decoders.pool._processes.values()], flush=True)
+if sys.argv[1] == "kill-a-decoder":
+    os.kill(next(iter(decoders.pool._processes)), signal.SIGKILL)
+    decoders.decode({paths!r}, [None] * 4)
+    print("decoded without it")
+else:
+    os.kill(os.getpid(), signal.SIGKILL)
+"""
+
+
+@pytest.mark.parametrize("killed", ["kill-a-decoder", "kill-the-worker"])
+def test_a_worker_and_its_decoders_die_together(small_folder, killed):
+    """A decoder that dies takes its worker with it, for the driver to find the block that kills
+    workers; a worker that dies, killed by the driver at the end of every run, takes its decoders."""
+    paths = [str(p) for p in sorted(small_folder.rglob("*.JPEG"))][:4]
+    script = DYING_DECODER.format(folder=str(small_folder), paths=paths)
+    worker = subprocess.run([sys.executable, "-c", script, killed], capture_output=True, text=True, env=cli_env(), timeout=120)
+    assert worker.returncode == (1 if killed == "kill-a-decoder" else -9), worker.stderr
+    assert "decoded without it" not in worker.stdout
+    decoders = [int(pid) for pid in worker.stdout.split()]
+    assert len(decoders) == 2
+    for pid in decoders:
+        with contextlib.suppress(psutil.NoSuchProcess):
+            psutil.Process(pid).wait(timeout=30)  # gone within seconds, or this raises TimeoutExpired
 
 
 @pytest.mark.skipif(local.has_gpu(), reason="this machine has a GPU: its workers would use it")
@@ -219,14 +277,6 @@ def test_a_gpu_worker_without_a_gpu_fails_the_run_in_one_line_instead_of_crawlin
     on_gpu = dataclasses.replace(options_for(small_folder), device="cuda")
     with pytest.raises(UserError, match=r"the model could not be loaded in a worker process: .*(CUDA|NVIDIA|GPU)"):
         list(local.predictions(inputs_of(small_folder), on_gpu, 1, 4, lambda: False, ["0"]))
-
-
-def test_many_decoding_threads_give_the_same_predictions_as_one(small_folder):
-    """A GPU worker reads and decodes its batch on many threads, for torch's one: same rows, same order."""
-    inputs = inputs_of(small_folder)
-    one = pa.concat_tables(local.predictions(inputs, options_for(small_folder), 1, 9, lambda: False))
-    many = dataclasses.replace(options_for(small_folder), decode_threads=4)
-    assert pa.concat_tables(local.predictions(inputs, many, 1, 9, lambda: False)).equals(one)
 
 
 SCRIPT = """
@@ -258,7 +308,7 @@ from pipeline.sources import open_source
 
 options = PredictorOptions(describe(ModelSpec()), threads=1, source=open_source({folder!r}))
 local._start_worker(os.getppid(), multiprocessing.Value("i", 0), dict(os.environ), [], multiprocessing.Value("i", 0))
-predictions = local._predict(options, {paths!r}, [None] * {count})
+predictions = local._predict(options, 0, {paths!r}, [None] * {count})
 print(sum(error is None for error in predictions.errors), *sorted(m for m in ("pandas", "pyarrow.compute", "ray") if m in sys.modules))
 """
 
