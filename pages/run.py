@@ -62,9 +62,8 @@ with st.form("launch"):
         ENGINES,
         format_func=ENGINE_LABELS.get,
         help=(
-            f"Local worker processes skip Ray's start-up (seconds of CPU): auto uses them for up to {LOCAL_MAX_IMAGES:,} images "
-            "on this machine's CPUs, and Ray Data for bigger runs, GPUs and clusters. Chosen, local workers also run on this "
-            "machine's GPUs."
+            f"Local worker processes skip Ray's start-up (seconds): auto uses them for up to {LOCAL_MAX_IMAGES:,} images "
+            "on this machine, on its CPUs or GPUs, and Ray Data for bigger runs and clusters."
         ),
     )
     if resources:

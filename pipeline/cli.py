@@ -22,7 +22,7 @@ from .sources import SAMPLE_DATA, list_images, open_source
 
 ENGINE_HELP = (
     "what runs the model: ray (Ray Data), local (worker processes on this machine, its CPUs or GPUs, no Ray start-up), "
-    f"or auto (default: local for up to {LOCAL_MAX_IMAGES:,} images on this machine's CPUs, else ray)"
+    f"or auto (default: local for up to {LOCAL_MAX_IMAGES:,} images on this machine, its CPUs or GPUs, else ray)"
 )
 
 

@@ -265,8 +265,8 @@ def prestart(argv: list[str]) -> None:
 
 
 def _runs_here(argv: list[str]) -> bool:
-    """Whether ``run`` with these arguments goes to local workers: no Ray address, and ``--engine local``,
-    or ``auto`` with no GPUs asked for and none here."""
+    """Whether ``run`` with these arguments likely goes to local workers: no Ray address, and ``--engine
+    local``, or ``auto`` unless GPUs are asked for and there are none here."""
     if argv[:1] != ["run"]:
         return False
     engine, gpus_asked = "auto", False
@@ -278,7 +278,7 @@ def _runs_here(argv: list[str]) -> bool:
             engine = arg.partition("=")[2] if "=" in arg else (argv[i + 1] if i + 1 < len(argv) else "")
     if engine not in ("auto", "local") or cluster.resolve_address(None) != LOCAL:
         return False
-    return engine == "local" or not (gpus_asked or has_gpu())
+    return engine == "local" or not gpus_asked or has_gpu()
 
 
 def stop_fork_server() -> None:

@@ -30,10 +30,11 @@ from .runs import ENGINES, Accuracy, Counts, Manifest, RunParams, RunWriter
 from .sources import SAMPLE_DATA, Listing, Source, list_images, open_source, redact_uri, require_exists
 
 MAX_LABEL_SET = 100  # classes whose scores every row stores for label-set-restricted evaluation
-# ``auto`` runs up to this many images on this machine's CPUs in local worker processes (``local``),
-# where Ray's start would be a large part of the run (on 2 cores: first predictions 4.4 s later, in an
-# ~18-s run of Imagenette's 3,925 images). Bigger runs take the path a cluster's run takes, Ray Data,
-# whose start is then under ~8 % of the run even for the fastest model here.
+# ``auto`` runs up to this many images on this machine in local worker processes (``local``), where Ray's
+# start would be a large part of the run: on 2 cores, first predictions 4.4 s later, in an ~18-s run of
+# Imagenette's 3,925 images; on an H100 machine (ResNet-152), 19–28 s to Ray's first predictions against
+# 9.7 s, where 20,000 images then take ~4 s. Bigger runs take the path a cluster's run takes, Ray Data,
+# whose start is then under ~8 % of the run even for the fastest model here on CPUs.
 LOCAL_MAX_IMAGES = 20_000
 
 
@@ -100,12 +101,13 @@ def check_engine(engine: str, address: str | None, num_gpus: float | None) -> No
 
 
 def engine_for(engine: str, address: str | None, num_gpus: float | None, images: int) -> str:
-    """``ray`` or ``local`` for a run of ``images``: ``auto`` is local for small CPU runs on this machine."""
+    """``ray`` or ``local`` for a run of ``images``: ``auto`` is local for small runs on this machine, on its
+    CPUs or its GPUs (GPUs asked for where it has none: Ray says so)."""
     if engine != "auto":
         return engine
     on_this_machine = cluster.resolve_address(address) == cluster.LOCAL
-    wants_gpu = num_gpus > 0 if num_gpus is not None else local.has_gpu()
-    return "local" if on_this_machine and not wants_gpu and images <= LOCAL_MAX_IMAGES else "ray"
+    gpus_missing = bool(num_gpus) and not local.has_gpu()
+    return "local" if on_this_machine and not gpus_missing and images <= LOCAL_MAX_IMAGES else "ray"
 
 
 def resources_for(engine: str, address: str | None) -> cluster.ClusterInfo:

@@ -332,14 +332,14 @@ def test_a_worker_predicts_without_importing_pandas_pyarrow_compute_or_ray(small
         (["run", "--engine", "ray"], False),
         (["run", "--engine=ray"], False),
         (["run", "--address", "ray://head:10001"], False),
-        (["run", "--num-gpus", "1"], False),
+        (["run", "--num-gpus", "1"], local.has_gpu()),  # none here: Ray says so
         (["resume", "runs/x"], False),
         (["preview"], False),
     ],
 )
-def test_only_a_run_on_this_machines_cpus_starts_its_workers_early(argv, here, monkeypatch):
+def test_only_a_run_on_this_machine_starts_its_workers_early(argv, here, monkeypatch):
     monkeypatch.delenv("RAY_ADDRESS", raising=False)
-    assert local._runs_here(argv) == (here and not local.has_gpu())
+    assert local._runs_here(argv) == here
     monkeypatch.setenv("RAY_ADDRESS", "ray://head:10001")
     assert not local._runs_here(argv)
 
@@ -400,8 +400,8 @@ def test_workers_take_the_drivers_environment_as_their_pool_starts(monkeypatch):
 
 @pytest.mark.skipif(not local.has_gpu(), reason="needs an NVIDIA GPU (none here)")
 def test_local_workers_run_on_this_machines_gpu_and_answer_like_its_cpus(small_folder, tmp_path):
-    on_gpu, manifest = run(RunRequest(data=str(small_folder), out=str(tmp_path), engine="local"))
-    assert manifest.status == "complete" and manifest.counts.predicted == 9
+    on_gpu, manifest = run(RunRequest(data=str(small_folder), out=str(tmp_path)))  # auto: a small run stays here
+    assert manifest.status == "complete" and manifest.counts.predicted == 9 and manifest.engine == "local"
     assert manifest.device.startswith("1× CUDA worker process(es), fp32, batch 512, on this machine")
     on_cpus, manifest = run(RunRequest(data=str(small_folder), out=str(tmp_path), engine="local", num_gpus=0.0))
     assert manifest.device.startswith("1× CPU worker process(es)")

@@ -90,7 +90,7 @@ def test_cancel_keeps_rows_and_resume_finishes_without_duplicates(small_folder, 
 
 def test_auto_runs_small_cpu_runs_without_ray_and_bigger_ones_on_ray(small_folder, tmp_path, monkeypatch):
     if local.has_gpu():
-        pytest.skip("this machine has a GPU: auto sends every run there, through Ray")
+        pytest.skip("this machine has a GPU: auto runs on it (the CUDA test in test_local covers that)")
     _, manifest = run(RunRequest(data=str(small_folder), out=str(tmp_path)))
     assert manifest.engine == "local" and manifest.device == "1× CPU worker process(es), fp32, batch 64, on this machine, without Ray"
     monkeypatch.setattr(runner, "LOCAL_MAX_IMAGES", 8)  # 9 images: one too many
@@ -99,10 +99,9 @@ def test_auto_runs_small_cpu_runs_without_ray_and_bigger_ones_on_ray(small_folde
 
 
 def test_the_engine_follows_the_address_gpus_and_size():
-    cpu_only = "ray" if local.has_gpu() else "local"
-    assert engine_for("auto", None, None, 100) == cpu_only
+    assert engine_for("auto", None, None, 100) == "local"  # on this machine's GPUs, or its CPUs
     assert engine_for("auto", None, 0.0, 100) == "local"  # CPUs asked for
-    assert engine_for("auto", None, 0.5, 100) == "ray"  # GPUs need Ray
+    assert engine_for("auto", None, 0.5, 100) == ("local" if local.has_gpu() else "ray")  # none here: Ray says so
     assert engine_for("auto", "10.0.0.5:6379", 0.0, 100) == "ray"  # a cluster
     assert engine_for("auto", None, 0.0, runner.LOCAL_MAX_IMAGES + 1) == "ray"
     assert engine_for("ray", None, 0.0, 1) == "ray" and engine_for("local", None, None, 10**6) == "local"
