@@ -30,9 +30,13 @@ def resolve_address(address: str | None) -> str:
 
 
 def connect(address: str | None = None) -> ClusterInfo:
-    """Start or join Ray once per process, quietly; an unreachable cluster is a UserError."""
-    import ray
-    import ray.data
+    """Start or join Ray once per process, quietly; an unreachable cluster is a UserError, and so is a
+    Python without Ray (``--engine local`` needs none)."""
+    try:
+        import ray
+        import ray.data
+    except ImportError as error:
+        raise UserError(f"Ray Data is not installed here ({one_line(error)}): pip install 'ray[data]', or use --engine local") from None
 
     address = resolve_address(address)
     if not ray.is_initialized():

@@ -15,7 +15,7 @@ from pathlib import Path
 import psutil
 import pytest
 
-from .conftest import free_port, run_cli
+from .conftest import ROOT, free_port, run_cli
 
 RAY = Path(sys.executable).with_name("ray")
 CLUSTER_AUTH = {"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": secrets.token_hex(32)}
@@ -121,6 +121,20 @@ def test_unreachable_cluster_is_a_one_line_error(small_folder, tmp_path):
     assert result.returncode == 2, result.stderr
     lines = result.stderr.strip().splitlines()
     assert lines[-1].startswith("error: cannot connect to the Ray cluster") and "Traceback" not in result.stderr
+
+
+def test_without_ray_installed_the_local_engine_runs_and_ray_is_a_one_line_error(small_folder, tmp_path):
+    """The GPU machines lent here have no Ray: ``--engine local`` must not need it, and asking for Ray
+    there says what to do. A ``ray`` package that fails to import stands in for the missing one."""
+    shadow = tmp_path / "without-ray" / "ray"
+    shadow.mkdir(parents=True)
+    (shadow / "__init__.py").write_text("raise ImportError(\"No module named 'ray'\")\n")
+    env = {"PYTHONPATH": os.pathsep.join(filter(None, [str(shadow.parent), str(ROOT), os.environ.get("PYTHONPATH")]))}
+    local_run = run_cli("run", "--data", str(small_folder), "--out", str(tmp_path / "runs"), "--engine", "local", env=env)
+    assert local_run.returncode == 0 and "complete: 9 predicted" in local_run.stderr, local_run.stderr
+    ray_run = run_cli("run", "--data", str(small_folder), "--out", str(tmp_path / "runs"), "--engine", "ray", env=env)
+    assert ray_run.returncode == 2 and "Traceback" not in ray_run.stderr
+    assert ray_run.stderr.strip().splitlines()[-1].startswith("error: Ray Data is not installed here")
 
 
 def test_a_cluster_that_goes_away_ends_the_run_resumably(tmp_path):
