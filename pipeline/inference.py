@@ -10,12 +10,14 @@ driver can account for every input. ``local`` runs the same ``Predictor`` in wor
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import math
 import sys
 import threading
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import AbstractContextManager
 from dataclasses import dataclass, replace
 from typing import NamedTuple
 
@@ -128,9 +130,17 @@ class Classifier:
 
     def probabilities(self, images: np.ndarray):
         """(N, H, W, 3) uint8 → (N, classes) float32 softmax probabilities, as a torch tensor."""
+        return self.probabilities_of(self.uploaded(images))
+
+    def uploaded(self, images: np.ndarray):
+        """The uint8 batch as a tensor on the model's device."""
         import torch
 
-        batch = torch.from_numpy(np.ascontiguousarray(images)).to(self.device, non_blocking=True)
+        return torch.from_numpy(np.ascontiguousarray(images)).to(self.device, non_blocking=True)
+
+    def probabilities_of(self, batch):
+        import torch
+
         with torch.inference_mode(), torch.autocast(self.device, dtype=torch.bfloat16, enabled=self.precision == "bf16"):
             if self.micro_batch is None:
                 logits = self.module(self.normalised(batch))
@@ -157,14 +167,23 @@ class Classifier:
         rows = torch.addcmul(shift, pixels.reshape(n * height, width * channels).float(), scale)
         return rows.view(n, height, width, channels).permute(0, 3, 1, 2)
 
-    def top_k(self, images: np.ndarray, k: int = 5, label_set: Sequence[int] = ()) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """Indices and scores of the k most likely classes, best first, and the scores of ``label_set``'s classes."""
+    def top_k(
+        self, images: np.ndarray, k: int = 5, label_set: Sequence[int] = (), turn: AbstractContextManager | None = None
+    ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Indices and scores of the k most likely classes, best first, and the scores of ``label_set``'s classes.
+
+        ``turn`` is held from the forward pass until its results are back, not while the batch is copied to
+        the device: the processes sharing a GPU (``local``) take turns on it. Left to the GPU's time slices,
+        two workers' batches ran side by side and ended together, and then both workers decoded while the
+        GPU waited."""
         import torch
 
-        probabilities = self.probabilities(images)
-        scores, indices = torch.topk(probabilities, min(k, probabilities.shape[1]), dim=1)
-        subset = probabilities[:, list(label_set)] if label_set else probabilities[:, :0]
-        return indices.cpu().numpy(), scores.cpu().numpy(), subset.cpu().numpy()
+        batch = self.uploaded(images)
+        with turn or contextlib.nullcontext():
+            probabilities = self.probabilities_of(batch)
+            scores, indices = torch.topk(probabilities, min(k, probabilities.shape[1]), dim=1)
+            subset = probabilities[:, list(label_set)] if label_set else probabilities[:, :0]
+            return indices.cpu().numpy(), scores.cpu().numpy(), subset.cpu().numpy()
 
     def forward_cpu(self, chunk):
         """One micro-batch through the frozen graph, padded to the traced shape so the graph never sees another."""
@@ -261,7 +280,8 @@ class Predictor:
     """A Ray Data actor, or a local worker's model (``local``): loads the model once, then turns batches
     (uint8 crops, or paths it reads and decodes itself) into prediction rows."""
 
-    def __init__(self, options: PredictorOptions):
+    def __init__(self, options: PredictorOptions, turn: AbstractContextManager | None = None):
+        self.turn = turn  # on a GPU shared with other processes: held while the GPU runs a batch (``Classifier.top_k``)
         self.classifier = Classifier(options.info.spec, options.device, options.precision, options.threads, info=options.info)
         if self.classifier.device == "cpu":
             keep_freed_memory()
@@ -289,7 +309,7 @@ class Predictor:
             images = batch["image"]
             if not ok.all() or not images.flags.writeable:  # torch takes only writable arrays as they are
                 images = images[ok]
-            top_idx[ok], top_scores[ok], set_scores[ok] = self.classifier.top_k(images, k, self.label_set)
+            top_idx[ok], top_scores[ok], set_scores[ok] = self.classifier.top_k(images, k, self.label_set, self.turn)
         categories = self.classifier.categories
         names = [[categories[i] for i in row] if good else None for row, good in zip(top_idx, ok, strict=True)]
         return Predictions(batch["path"], batch["ground_truth"], errors, names, top_idx, top_scores, set_scores if self.label_set else None)

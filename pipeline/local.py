@@ -40,6 +40,7 @@ from .errors import UserError, one_line
 
 if TYPE_CHECKING:
     from multiprocessing.context import BaseContext
+    from multiprocessing.synchronize import Lock
 
     import numpy as np
     import pyarrow as pa
@@ -67,6 +68,7 @@ STARTING_HINT = '; a script that calls pipeline.runner needs `if __name__ == "__
 
 _predictor: Predictor | None = None  # the worker process's own, loaded by its first block
 _decoders: Decoders | None = None  # a GPU worker's, started by its first block
+_gpu_turn: Lock | None = None  # a GPU worker's: held while its GPU runs its batch (``Classifier.top_k``)
 _decoding: tuple[Source, Preprocessing, np.ndarray] | None = None  # in a decoder: where its chunks go
 
 
@@ -126,11 +128,15 @@ def _exit_when_readable(handle: int) -> None:
     os._exit(1)
 
 
-def _start_worker(driver: int, started: Synchronized, environment: dict[str, str], gpus: list[str], joined: Synchronized) -> None:
+def _start_worker(
+    driver: int, started: Synchronized, environment: dict[str, str], gpus: list[str], turns: list[Lock], joined: Synchronized
+) -> None:
     """Take the driver's environment as it was when the pool started (the fork server keeps the one it
     started with: keys set since then would be missing) and this worker's GPU (the next of ``gpus`` in
-    turn, none for CPU workers), import what predicting needs before any block arrives (the fork server
-    has, unless it could not: the error then shows here), then count this worker started."""
+    turn, none for CPU workers) with its lock (``turns``: one per GPU), import what predicting needs before
+    any block arrives (the fork server has, unless it could not: the error then shows here), then count
+    this worker started."""
+    global _gpu_turn
     _die_with(driver)
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the driver's: it stops the run and these workers
     os.environ.clear()
@@ -140,6 +146,7 @@ def _start_worker(driver: int, started: Synchronized, environment: dict[str, str
         joined.value += 1
     # torch reads it when CUDA first starts, here after the fork: the fork server never starts CUDA
     os.environ["CUDA_VISIBLE_DEVICES"] = gpus[turn % len(gpus)] if gpus else ""
+    _gpu_turn = turns[turn % len(gpus)] if gpus else None
     import torch  # noqa: F401
 
     from . import inference
@@ -167,7 +174,7 @@ def _predict(options: PredictorOptions, decoders: int, paths: list[str], truths:
         from .inference import Predictor
 
         try:
-            _predictor = Predictor(replace(options, source=None) if decoders else options)
+            _predictor = Predictor(replace(options, source=None) if decoders else options, _gpu_turn)
         except Exception as error:
             raise UserError(f"the model could not be loaded in a worker process: {one_line(error)}") from None
     if decoders:
@@ -238,7 +245,8 @@ def _new_pool(workers: int, gpus: list[str]) -> tuple[ProcessPoolExecutor, Synch
     workers that got through ``_start_worker``."""
     context = _context()
     started, joined = context.Value("i", 0), context.Value("i", 0)
-    initargs = (os.getpid(), started, dict(os.environ), gpus, joined)
+    turns = [context.Lock() for _ in gpus]  # a worker that dies holding one breaks the pool, and its locks go with it
+    initargs = (os.getpid(), started, dict(os.environ), gpus, turns, joined)
     return ProcessPoolExecutor(workers, context, _start_worker, initargs), started
 
 

@@ -169,6 +169,33 @@ def test_normalised_input_is_the_per_channel_formula_in_channels_last():
         assert torch.allclose(got.double(), expected, atol=1e-5)
 
 
+class RecordedTurn:
+    """A turn on a shared device that notes when it is held: the batch must already be uploaded, and
+    the results must be back when it is let go."""
+
+    def __init__(self):
+        self.held = []
+
+    def __enter__(self):
+        self.held.append("held")
+
+    def __exit__(self, *exc):
+        self.held.append("let go")
+
+
+def test_a_turn_on_a_shared_device_is_held_for_the_forward_pass_only():
+    classifier = Classifier(parse_model(DEFAULT_MODEL), device="cpu", precision="fp32", threads=1)
+    crops = sample_crops(4, classifier.preprocessing)
+    turn = RecordedTurn()
+    uploaded, forward = classifier.uploaded, classifier.probabilities_of
+    classifier.uploaded = lambda images: (turn.held.append("uploaded"), uploaded(images))[1]
+    classifier.probabilities_of = lambda batch: (turn.held.append("forward"), forward(batch))[1]
+    indices, scores, _ = classifier.top_k(crops, 3, turn=turn)
+    assert turn.held == ["uploaded", "held", "forward", "let go"]
+    reference = classifier.top_k(crops, 3)
+    assert np.array_equal(indices, reference[0]) and np.array_equal(scores, reference[1])
+
+
 def test_bf16_on_cpu_keeps_the_eager_network():
     classifier = Classifier(parse_model(DEFAULT_MODEL), device="cpu", precision="bf16", threads=2)
     classifier.probabilities(sample_crops(4, classifier.preprocessing))

@@ -211,6 +211,29 @@ def slow_environment(seconds: float) -> tuple[int, str | None]:
     return os.getpid(), os.environ.get("CUDA_VISIBLE_DEVICES")
 
 
+@pytest.mark.parametrize("gpus, overlap", [(["0"], False), (["0", "1"], True)])
+def test_workers_sharing_a_gpu_take_turns_on_it(gpus, overlap):
+    """Two workers on one GPU hold its turn one at a time; on two GPUs, each holds its own."""
+    pool, _ = local._new_pool(2, gpus)
+    try:
+        futures = [pool.submit(hold_the_gpu_turn, 1.0) for _ in range(4)]
+        held = sorted(future.result(timeout=120) for future in futures)
+    finally:
+        local._kill(pool)
+    assert len({pid for _, _, pid in held}) == 2  # both workers held it
+    overlapping = any(later_start < end for (_, end, _), (later_start, _, _) in itertools.pairwise(held))
+    assert overlapping == overlap
+
+
+def hold_the_gpu_turn(seconds: float) -> tuple[float, float, int]:
+    import time
+
+    with local._gpu_turn:
+        began = time.monotonic()
+        time.sleep(seconds)
+        return began, time.monotonic(), os.getpid()
+
+
 def test_gpu_workers_each_have_their_share_of_the_cpus_decode_for_them():
     assert local.decoders_per_worker(16, 2) == 8 and local.decoders_per_worker(96, 16) == 6 and local.decoders_per_worker(2, 8) == 1
 
@@ -307,7 +330,7 @@ from pipeline.models import ModelSpec, describe
 from pipeline.sources import open_source
 
 options = PredictorOptions(describe(ModelSpec()), threads=1, source=open_source({folder!r}))
-local._start_worker(os.getppid(), multiprocessing.Value("i", 0), dict(os.environ), [], multiprocessing.Value("i", 0))
+local._start_worker(os.getppid(), multiprocessing.Value("i", 0), dict(os.environ), [], [], multiprocessing.Value("i", 0))
 predictions = local._predict(options, 0, {paths!r}, [None] * {count})
 print(sum(error is None for error in predictions.errors), *sorted(m for m in ("pandas", "pyarrow.compute", "ray") if m in sys.modules))
 """
