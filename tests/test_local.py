@@ -375,8 +375,6 @@ def test_a_run_asked_for_local_workers_starts_them_early_even_with_gpus(monkeypa
 
 def test_prestart_starts_the_fork_server_that_a_run_forks_its_workers_from(small_folder, monkeypatch):
     monkeypatch.delenv("RAY_ADDRESS", raising=False)
-    if local.has_gpu():
-        pytest.skip("a GPU is visible: runs go to Ray, and nothing is prestarted")
     local.stop_fork_server()
     local.prestart(["preview"])
     assert not fork_servers()
