@@ -14,7 +14,7 @@ from pipeline.runner import LOCAL_MAX_IMAGES, RunRequest
 from pipeline.runs import ENGINES, format_duration
 
 ENGINE_LABELS = {
-    "auto": "auto: local processes for small CPU runs, else Ray Data",
+    "auto": "auto: local processes for small runs, else Ray Data",
     "ray": "Ray Data",
     "local": "local processes on this machine, its CPUs or GPUs (no Ray)",
 }
