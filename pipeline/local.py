@@ -155,6 +155,7 @@ def _start_worker(
     # 77 MB): kept for the next batch instead of mapped and faulted in again. CPU workers' Predictors ask
     # for this anyway, as Ray's CPU actors' do; for a GPU worker's decoding (512-image batches on 2 threads,
     # five interleaved pairs here) it took page faults from 0.8 an image to none, median 3,771 against 3,631 img/s.
+    # A GPU worker's decoders, forked from it, keep it too.
     inference.keep_freed_memory()
     with started.get_lock():
         started.value += 1
@@ -177,9 +178,8 @@ def _predict(options: PredictorOptions, decoders: int, paths: list[str], truths:
             _predictor = Predictor(replace(options, source=None) if decoders else options, _gpu_turn)
         except Exception as error:
             raise UserError(f"the model could not be loaded in a worker process: {one_line(error)}") from None
-    if decoders:
-        return _predictor.predict(_decoders.decode(paths, truths))
-    return _predictor.predict({"path": np.array(paths, dtype=object), "ground_truth": np.array(truths, dtype=object)})
+    batch = {"path": np.array(paths, dtype=object), "ground_truth": np.array(truths, dtype=object)}
+    return _predictor.predict(_decoders.decode(batch) if decoders else batch)
 
 
 class Decoders:
@@ -204,11 +204,12 @@ class Decoders:
         # The first task forks them all, now: before the model is loaded, the first time, so before CUDA starts
         self.pool.submit(int)
 
-    def decode(self, paths: list[str], truths: list[str | None]) -> dict:
-        """The block as a ``Predictor`` takes it decoded; its crops are a view of the shared memory, good
-        until the next block."""
+    def decode(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """A block of paths decoded, as ``inference.decode_batch`` gives it; its crops are a view of the
+        shared memory, good until the next block."""
         import numpy as np
 
+        paths = batch["path"].tolist()
         bounds = [len(paths) * part // self.processes for part in range(self.processes + 1)]
         chunks = [(start, paths[start:stop]) for start, stop in itertools.pairwise(bounds) if stop > start]
         errors = [""] * len(paths)
@@ -220,12 +221,7 @@ class Decoders:
             # A decoder died (killed for memory, a crash in a decoder): so does this worker, and the driver
             # finds which block kills its workers, as it does for workers that decode their own blocks.
             os._exit(1)
-        return {
-            "path": np.array(paths, dtype=object),
-            "ground_truth": np.array(truths, dtype=object),
-            "image": self.images[: len(paths)],
-            "error": np.array(errors, dtype=object),
-        }
+        return {**batch, "image": self.images[: len(paths)], "error": np.array(errors, dtype=object)}
 
     def close(self) -> None:
         _kill(self.pool)

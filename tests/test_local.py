@@ -250,8 +250,8 @@ def test_decoders_decode_as_the_worker_itself_would_errors_included(small_folder
     try:
         for block in (paths, paths[::-1][3:]):  # the second, shorter block overwrites the first one's crops
             truths = [f"truth of {path}" for path in block]
-            decoded = decoders.decode(block, truths)
             batch = {"path": np.array(block, dtype=object), "ground_truth": np.array(truths, dtype=object)}
+            decoded = decoders.decode(batch)
             expected = decode_batch(batch, source, preprocessing)
             assert decoded["image"].shape == expected["image"].shape and (decoded["image"] == expected["image"]).all()
             assert decoded["error"].tolist() == expected["error"].tolist() and sum(map(bool, decoded["error"])) == 1
@@ -264,6 +264,7 @@ def test_decoders_decode_as_the_worker_itself_would_errors_included(small_folder
 
 DYING_DECODER = """
 import os, signal, sys
+import numpy as np
 from pipeline import local
 from pipeline.models import ModelSpec, describe
 from pipeline.sources import open_source
@@ -272,7 +273,7 @@ decoders = local.Decoders(open_source({folder!r}), describe(ModelSpec()).preproc
 print(*[process.pid for process in decoders.pool._processes.values()], flush=True)
 if sys.argv[1] == "kill-a-decoder":
     os.kill(next(iter(decoders.pool._processes)), signal.SIGKILL)
-    decoders.decode({paths!r}, [None] * 4)
+    decoders.decode({{"path": np.array({paths!r}, dtype=object), "ground_truth": np.array([None] * 4, dtype=object)}})
     print("decoded without it")
 else:
     os.kill(os.getpid(), signal.SIGKILL)
