@@ -59,6 +59,11 @@ MAX_CPU_ACTORS = 8
 
 BLOCKS_PER_WORKER = 2  # in flight: one being predicted, one waiting, so a worker never idles between blocks
 WORKER_IMPORTS = ["torch", f"{__package__}.inference"]  # what the fork server imports once for every worker
+# A GPU worker's decoding processes, at most: 16 a GPU decode ~55,000 Imagenette images/s (one core decodes
+# ~3,700 with ResNet-152's preprocessing, 2-core VM), ~10x ResNet-152's forward pass on an H100. Each is
+# forked from the worker (~8 ms a fork of a process that imported torch, same VM): a 256-CPU machine's
+# share, 128 a worker, would cost each worker a second before its first batch, for decoding no GPU waits on.
+MAX_DECODERS_PER_WORKER = 8
 MAX_WORKER_DEATHS = 3  # deaths of a worker predicting a block alone, before the block's images are listed as failed
 
 # The likeliest cause of workers that die before they have started, besides memory: a worker (forked from
@@ -105,9 +110,10 @@ def visible_gpus(cards: int, visible: str | None) -> list[str]:
 
 
 def decoders_per_worker(cpus: float, workers: int) -> int:
-    """Decoding processes for each GPU worker: its share of the CPUs. The workers sharing a GPU take turns
-    on it, so while one runs its batch the other's decoders have the CPUs to themselves."""
-    return max(1, int(cpus // workers))
+    """Decoding processes for each GPU worker: its share of the CPUs, up to ``MAX_DECODERS_PER_WORKER``.
+    The workers sharing a GPU take turns on it, so while one runs its batch the other's decoders have the
+    CPUs to themselves."""
+    return max(1, min(MAX_DECODERS_PER_WORKER, int(cpus // workers)))
 
 
 def _die_with(owner: int) -> None:

@@ -236,6 +236,8 @@ def hold_the_gpu_turn(seconds: float) -> tuple[float, float, int]:
 
 def test_gpu_workers_each_have_their_share_of_the_cpus_decode_for_them():
     assert local.decoders_per_worker(16, 2) == 8 and local.decoders_per_worker(96, 16) == 6 and local.decoders_per_worker(2, 8) == 1
+    # a big machine's share is capped: forking each decoder delays the worker's first batch
+    assert local.decoders_per_worker(256, 2) == local.MAX_DECODERS_PER_WORKER == 8
 
 
 def test_decoders_decode_as_the_worker_itself_would_errors_included(small_folder):
