@@ -1,7 +1,8 @@
 """``python -m pipeline``: the same functions the dashboard uses, from a terminal.
 
 Exit codes: 0 success (also when some images failed; they are in errors.parquet), 2 bad
-arguments or inputs (one line on stderr), 1 internal failure.
+arguments or inputs (one line on stderr), 130 a run cancelled (Ctrl-C, or Cancel on the dashboard:
+what it predicted is kept, and ``resume`` finishes it), 1 a failed run or an internal failure.
 """
 
 from __future__ import annotations
@@ -24,6 +25,10 @@ ENGINE_HELP = (
     "what runs the model: ray (Ray Data), local (worker processes on this machine, its CPUs or GPUs, no Ray start-up), "
     f"or auto (default: local for up to {LOCAL_MAX_IMAGES:,} images on this machine, its CPUs or GPUs, else ray)"
 )
+
+
+# A run's status → the command's exit code: 130 is what a shell reports for a command its user interrupted
+EXIT_CODES = {"complete": 0, "cancelled": 130}
 
 
 class ArgumentError(UserError):
@@ -231,7 +236,7 @@ def _report(path: Path, manifest, out) -> int:
     if manifest.unmatched_truth:
         print(f"note: {manifest.unmatched_truth.sentence()}", file=sys.stderr)
     print(path, file=out, flush=True)
-    return 0 if manifest.status == "complete" else 1
+    return EXIT_CODES.get(manifest.status, 1)
 
 
 def cmd_preview(args) -> int:

@@ -159,9 +159,25 @@ def test_ctrl_c_cancels_a_local_run_at_once_and_leaves_no_process(tmp_path):
     finally:
         if process.poll() is None:
             os.killpg(process.pid, signal.SIGKILL)
-    assert process.returncode == 1 and "interrupted from the keyboard" in stderr and "Traceback" not in stderr
+    assert process.returncode == 130 and "interrupted from the keyboard" in stderr and "Traceback" not in stderr
     time.sleep(0.5)
     assert not [child for child in children if _running(child)]
+    manifest = runs.read_manifest(path)
+    assert manifest.status == "cancelled" and manifest.counts.predicted == len(runs.read_predictions(path)) < 200
+
+
+def test_a_cli_run_cancelled_from_the_dashboard_exits_130_with_its_predictions_kept(tmp_path):
+    """The dashboard's Cancel writes the run's cancel request; the CLI that runs it stops as after Ctrl-C."""
+    process = start_cli_run(tmp_path, "--engine", "local", "--concurrency", "1", "--batch-size", "1")
+    try:
+        path = wait_for_progress(tmp_path, 8)
+        runs.request_cancel(path)
+        stdout, stderr = process.communicate(timeout=60)
+    finally:
+        if process.poll() is None:
+            os.killpg(process.pid, signal.SIGKILL)
+    assert process.returncode == 130 and "cancelled by the user" in stderr and "Traceback" not in stderr
+    assert Path(stdout.strip().splitlines()[-1]) == path
     manifest = runs.read_manifest(path)
     assert manifest.status == "cancelled" and manifest.counts.predicted == len(runs.read_predictions(path)) < 200
 
