@@ -83,6 +83,12 @@ def machine() -> ClusterInfo:
     return ClusterInfo(LOCAL, cpus, float(len(gpu_ids())), cpus)
 
 
+def can_run(address: str | None, gpus_asked: bool) -> bool:
+    """Whether local workers can take a run: on this machine (no Ray cluster's address), with a GPU here
+    if GPUs are asked for (where none is, Ray says so). ``auto`` then also counts the images (``runner``)."""
+    return cluster.resolve_address(address) == LOCAL and not (gpus_asked and not has_gpu())
+
+
 def has_gpu() -> bool:
     """Whether an NVIDIA GPU is visible here, found without importing torch (seconds) or starting Ray."""
     return bool(gpu_ids())
@@ -276,7 +282,7 @@ def prestart(argv: list[str]) -> None:
 
 def _runs_here(argv: list[str]) -> bool:
     """Whether ``run`` with these arguments likely goes to local workers: no Ray address, and ``--engine
-    local``, or ``auto`` unless GPUs are asked for and there are none here."""
+    local``, or ``auto`` where local workers can take it (``can_run``, as ``runner.engine_for`` decides)."""
     if argv[:1] != ["run"]:
         return False
     engine, gpus_asked = "auto", False
@@ -286,9 +292,9 @@ def _runs_here(argv: list[str]) -> bool:
         gpus_asked = gpus_asked or arg.startswith("--num-gpus")
         if arg.startswith("--engine"):
             engine = arg.partition("=")[2] if "=" in arg else (argv[i + 1] if i + 1 < len(argv) else "")
-    if engine not in ("auto", "local") or cluster.resolve_address(None) != LOCAL:
-        return False
-    return engine == "local" or not gpus_asked or has_gpu()
+    if engine == "local":
+        return cluster.resolve_address(None) == LOCAL
+    return engine == "auto" and can_run(None, gpus_asked)
 
 
 def stop_fork_server() -> None:

@@ -105,9 +105,7 @@ def engine_for(engine: str, address: str | None, num_gpus: float | None, images:
     CPUs or its GPUs (GPUs asked for where it has none: Ray says so)."""
     if engine != "auto":
         return engine
-    on_this_machine = cluster.resolve_address(address) == cluster.LOCAL
-    gpus_missing = bool(num_gpus) and not local.has_gpu()
-    return "local" if on_this_machine and not gpus_missing and images <= LOCAL_MAX_IMAGES else "ray"
+    return "local" if local.can_run(address, bool(num_gpus)) and images <= LOCAL_MAX_IMAGES else "ray"
 
 
 def resources_for(engine: str, address: str | None) -> cluster.ClusterInfo:
