@@ -115,6 +115,7 @@ def live_view(run_id: str) -> None:
     st.progress(min(fraction, 1.0), text=f"{counts.done:,} / {counts.inputs:,} images ({fraction:.0%})")
     if manifest.device:
         st.caption(manifest.device)
+    so_far = "" if manifest.status == "complete" else " so far"  # a stopped run has part of its images
     m1, m2, m3, m4, m5 = st.columns(5)
     rate = manifest.images_per_s
     m1.metric("Images/s", f"{rate:.1f}" if rate else "–")
@@ -122,7 +123,7 @@ def live_view(run_id: str) -> None:
     m2.metric("ETA", format_duration(remaining) if remaining is not None else "–")
     m3.metric("Elapsed", format_duration(manifest.elapsed_s))
     m4.metric("Failed", f"{counts.failed:,}")
-    m5.metric("Top-1 so far", widgets.percent(manifest.accuracy.top1))
+    m5.metric(f"Top-1{so_far}", widgets.percent(manifest.accuracy.top1))
     if manifest.reason and manifest.status != "complete":
         (st.warning if manifest.status in ("cancelled", "interrupted") else st.error)(manifest.reason)
     buttons = st.columns([1, 2, 3])  # wide enough for "Open in Analytics" on one line
@@ -139,7 +140,7 @@ def live_view(run_id: str) -> None:
     predictions = widgets.load_predictions(path, manifest)
     if len(predictions):
         figure = charts.label_counts(
-            metrics.label_distribution(predictions, top_n=15), "Labels so far: predicted vs ground truth", height=440
+            metrics.label_distribution(predictions, top_n=15), f"Labels{so_far}: predicted vs ground truth", height=440
         )
         st.plotly_chart(figure, width="stretch", key=f"live-{run_id}")
 

@@ -104,7 +104,12 @@ def build_parser() -> Parser:
     )
     run.add_argument("--limit", type=positive_int, default=None, help="classify a reproducible random sample of N images")
     run.add_argument("--address", default=None, help="Ray cluster address (default: $RAY_ADDRESS, else this machine: see --engine)")
-    run.add_argument("--precision", choices=("auto", "fp32", "bf16"), default="auto")
+    run.add_argument(
+        "--precision",
+        choices=("auto", "fp32", "bf16"),
+        default="auto",
+        help="auto (default): bf16 autocast on GPUs where the model's top-1 holds, fp32 on CPUs",
+    )
     run.add_argument("--engine", choices=ENGINES, default="auto", help=ENGINE_HELP)
     run.add_argument("--run-id", default=None, help=argparse.SUPPRESS)
 
