@@ -285,7 +285,7 @@ class Predictor:
         self.classifier = Classifier(options.info.spec, options.device, options.precision, options.threads, info=options.info)
         if self.classifier.device == "cpu":
             keep_freed_memory()
-        self.topk = options.topk
+        self.topk = min(options.topk, len(self.classifier.categories))  # a user's model may know fewer classes than k
         self.label_set = options.label_set
         self.source = options.source
         readers = options.threads or 1

@@ -10,6 +10,7 @@ import numpy as np
 import pyarrow as pa
 import pytest
 import torch
+import torchvision
 
 from pipeline.errors import UserError
 from pipeline.inference import (
@@ -20,6 +21,7 @@ from pipeline.inference import (
     MAX_INPUT_BLOCKS,
     Classifier,
     Plan,
+    Predictor,
     PredictorOptions,
     build_dataset,
     cpu_micro_batch,
@@ -153,6 +155,27 @@ def test_cpu_fast_path_is_a_frozen_graph_that_answers_like_the_eager_network():
     assert fast_probabilities.shape == reference.shape == (7, 1000)
     assert torch.equal(fast_probabilities.argmax(1), reference.argmax(1))
     assert torch.allclose(fast_probabilities, reference, atol=1e-5)
+
+
+def test_a_model_of_fewer_classes_than_top_k_ranks_all_of_them(tmp_path):
+    """A user's 3-class model asked for the top 5: each image gets its 3 classes, best first, no error."""
+    (tmp_path / "labels.txt").write_text("cat\ndog\nbird\n")
+    torch.manual_seed(0)
+    net = torchvision.models.resnet18(weights=None, num_classes=3).eval()
+    torch.jit.save(torch.jit.trace(net, torch.rand(1, 3, 224, 224)), tmp_path / "three.pt")
+    info = describe(parse_model(checkpoint=str(tmp_path / "three.pt"), labels_file=str(tmp_path / "labels.txt")))
+    crops = sample_crops(5, info.preprocessing)
+    batch = {
+        "path": np.array([f"{i}.jpg" for i in range(5)], dtype=object),
+        "ground_truth": np.array(["cat"] * 5, dtype=object),
+        "image": crops,
+        "error": np.array([None] * 5, dtype=object),
+    }
+    rows = Predictor(PredictorOptions(info, topk=5, threads=1))(batch).to_pylist()
+    assert len(rows) == 5 and all(row["error"] is None for row in rows)
+    for row in rows:
+        assert sorted(row["topk_labels"]) == ["bird", "cat", "dog"] and row["label"] == row["topk_labels"][0]
+        assert row["topk_scores"] == sorted(row["topk_scores"], reverse=True) and math.isclose(sum(row["topk_scores"]), 1, rel_tol=1e-4)
 
 
 def test_normalised_input_is_the_per_channel_formula_in_channels_last():
