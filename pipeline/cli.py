@@ -74,7 +74,9 @@ def _add_source_options(parser: argparse.ArgumentParser) -> None:
 
 def _add_model_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", default=DEFAULT_MODEL, help=f"registry name, torchvision model[:WEIGHTS] (default: {DEFAULT_MODEL})")
-    parser.add_argument("--checkpoint", help="your own model: a TorchScript file, or a state dict with --arch")
+    parser.add_argument(
+        "--checkpoint", help="your own model: a TorchScript file, a torch.export program (.pt2), or a state dict with --arch"
+    )
     parser.add_argument("--arch", help="torchvision architecture of a state-dict --checkpoint")
     parser.add_argument("--labels", help="class names of a --checkpoint, one per line")
 

@@ -20,6 +20,10 @@ from .preprocess import Preprocessing
 DEFAULT_MODEL = "efficientnet_lite0"
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
+# torch.export.save's files (the format that replaces TorchScript); any other checkpoint without --arch is TorchScript
+EXPORTED_SUFFIX = ".pt2"
+# ATen ops of an exported graph that behave differently in training, and where their ``training`` argument is
+TRAINING_ARGUMENT = {"aten.batch_norm.default": 5, "aten.dropout.default": 2}
 IMAGENET_PREPROCESSING = Preprocessing(256, 224, IMAGENET_MEAN, IMAGENET_STD, "bilinear")
 EFFICIENTNET_LITE0_PREPROCESSING = Preprocessing(256, 224, (0.5, 0.5, 0.5), (0.5, 0.5, 0.5), "bicubic")
 
@@ -158,7 +162,7 @@ def describe(spec: ModelSpec) -> ModelInfo:
             "custom",
             spec.checkpoint or "",
             True,
-            f"torchvision {spec.arch} state dict" if spec.arch else "TorchScript",
+            _custom_format(spec),
         )
     weights = catalogue.architectures()[spec.name].weights[spec.weights or ""]
     path = hub_checkpoint_path(weights.url)
@@ -173,13 +177,25 @@ def describe(spec: ModelSpec) -> ModelInfo:
     )
 
 
+def _custom_format(spec: ModelSpec) -> str:
+    if spec.arch:
+        return f"torchvision {spec.arch} state dict"
+    return "torch.export program" if (spec.checkpoint or "").endswith(EXPORTED_SUFFIX) else "TorchScript"
+
+
 def ensure_weights(info: ModelInfo) -> None:
-    """Fetch torchvision weights into the hub cache once, in the driver, or fail with one clear line."""
+    """Fetch torchvision weights into the hub cache once, in the driver, or fail with one clear line;
+    a user's own network is loaded here, and a program (TorchScript, torch.export) tried (``check_custom``)."""
     if info.spec.name == "custom":
         try:
-            load_module(info.spec)
+            module = load_module(info.spec)
+        except UserError:  # a program that loads but cannot serve a run (``_load_exported``) says why itself
+            raise
         except Exception as error:
-            raise UserError(f"cannot load checkpoint {info.spec.checkpoint}: {one_line(error)}") from error
+            hint = "" if info.spec.arch else f" (a {EXPORTED_SUFFIX} file is read as a torch.export program, any other as TorchScript)"
+            raise UserError(f"cannot load checkpoint {info.spec.checkpoint}{hint}: {one_line(error)}") from error
+        if not info.spec.arch:  # a torchvision architecture built for the labels takes its crops and scores each label
+            check_custom(module, info)
         return
     if info.available_offline:
         return
@@ -214,7 +230,8 @@ def load_module(spec: ModelSpec):
         if any(t.is_meta for t in module.buffers()):  # a non-persistent buffer is in no checkpoint: build it the slow way
             module = models.get_model(spec.name, weights=None)
             module.load_state_dict(state)
-    module.eval()
+    if module.training:  # an exported program comes marked for inference, and refuses eval()
+        module.eval()
     torch.set_grad_enabled(False)
     return module
 
@@ -239,11 +256,35 @@ def _load_efficientnet_lite0():
     return module
 
 
+def check_custom(module, info: ModelInfo) -> None:
+    """A user's program must take batches of the crops it will be given and score each of its labels:
+    tried on blank crops (one, then two) in the driver, so that a mismatch is one line before the run starts
+    instead of every image failing in the workers (or scores past the labels file's end)."""
+    import torch
+
+    crop, labels = info.preprocessing.crop, len(info.categories)
+    for images in (1, 2):  # a run's last batch may hold one image
+        try:
+            with torch.inference_mode():
+                logits = module(torch.zeros(images, 3, crop, crop))
+        except Exception as error:
+            raise UserError(
+                f"checkpoint {info.spec.checkpoint} cannot classify a batch of {images} image(s) of 3 × {crop} × {crop}: {one_line(error)}"
+            ) from error
+        shape = tuple(logits.shape) if isinstance(logits, torch.Tensor) else type(logits).__name__
+        if shape != (images, labels):
+            raise UserError(
+                f"checkpoint {info.spec.checkpoint} gives {shape} for {images} image(s), where its {labels} labels "
+                f"({info.spec.labels_file}) need ({images}, {labels})"
+            )
+
+
 def _load_custom(spec: ModelSpec):
     import torch
 
     if not spec.arch:
-        return torch.jit.load(spec.checkpoint, map_location="cpu")
+        checkpoint = spec.checkpoint or ""
+        return _load_exported(checkpoint) if checkpoint.endswith(EXPORTED_SUFFIX) else torch.jit.load(checkpoint, map_location="cpu")
     labels = _read_labels(spec.labels_file or "")
     module = _torchvision().get_model(spec.arch, weights=None, num_classes=len(labels))
     state = torch.load(spec.checkpoint, map_location="cpu", weights_only=True)
@@ -251,6 +292,42 @@ def _load_custom(spec: ModelSpec):
         state = state["state_dict"]
     module.load_state_dict(state)
     return module
+
+
+def _load_exported(path: str):
+    """A ``torch.export`` program as a module, if it takes batches of any size: the workers send batches
+    of their own size (micro-batches of a few images on a CPU, hundreds on a GPU)."""
+    import torch
+
+    program = torch.export.load(path)
+    user_inputs = set(program.graph_signature.user_inputs)
+    shapes = [
+        tuple(getattr(node.meta.get("val"), "shape", ()))
+        for node in program.graph.nodes
+        if node.op == "placeholder" and node.name in user_inputs
+    ]
+    if len(shapes) != 1 or len(shapes[0]) != 4:
+        raise UserError(f"checkpoint {path} takes inputs of shapes {shapes}, not one batch of images (N, 3, H, W)")
+    if isinstance(shapes[0][0], int):
+        raise UserError(
+            f"checkpoint {path} was exported for batches of exactly {shapes[0][0]} image(s): export it with a dynamic "
+            "batch dimension (dynamic_shapes: {0: torch.export.Dim('batch')} for its input)"
+        )
+    if any(_trains(node) for node in program.graph.nodes):
+        raise UserError(
+            f"checkpoint {path} was exported in training mode (batch statistics, dropout): call model.eval() before torch.export.export"
+        )
+    module = program.module()
+    # Its graph is fixed as exported, and it refuses eval(): marked for inference by hand, as eval() would,
+    # so that the CPU fast path (torch.jit.freeze) takes it like any other network.
+    for child in module.modules():
+        child.training = False
+    return module
+
+
+def _trains(node) -> bool:
+    index = TRAINING_ARGUMENT.get(str(node.target)) if node.op == "call_function" else None
+    return index is not None and len(node.args) > index and node.args[index] is True
 
 
 def registry() -> list[RegistryEntry]:

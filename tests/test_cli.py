@@ -136,3 +136,33 @@ def test_synthesize_report_and_compare(tmp_path):
 def test_analytics_commands_reject_bad_input_in_one_line(args, message):
     result = run_cli(*args)
     assert result.returncode == 2 and message in result.stderr and len(result.stderr.strip().splitlines()) == 1
+
+
+def test_an_exported_program_runs_alike_in_local_workers_and_on_ray(small_folder, tmp_path):
+    """A user's own torch.export program (.pt2) and labels file, through each engine's own processes:
+    batches of 4 and a last one of 1, every image predicted with one of its labels, alike in both."""
+    import pyarrow.parquet as pq
+    import torch
+    import torchvision
+
+    classes = sorted(folder.name for folder in small_folder.iterdir())
+    (tmp_path / "labels.txt").write_text("\n".join(classes) + "\n")
+    torch.manual_seed(0)
+    net = torchvision.models.resnet18(weights=None, num_classes=len(classes)).eval()
+    program = torch.export.export(net, (torch.rand(2, 3, 224, 224),), dynamic_shapes={"x": {0: torch.export.Dim("batch")}})
+    torch.export.save(program, tmp_path / "mine.pt2")
+    labels = {}
+    for engine in ("local", "ray"):
+        result = run_cli(
+            "run", "--data", str(small_folder), "--out", str(tmp_path / engine), "--engine", engine, "--batch-size", "4",
+            "--checkpoint", str(tmp_path / "mine.pt2"), "--labels", str(tmp_path / "labels.txt"),
+        )  # fmt: skip
+        assert result.returncode == 0, result.stderr
+        run_dir = Path(result.stdout.strip().splitlines()[-1])
+        manifest = json.loads((run_dir / "manifest.json").read_text())
+        assert manifest["status"] == "complete" and manifest["counts"]["predicted"] == 9, manifest
+        assert manifest["model"]["display_name"] == "custom:mine.pt2"
+        predictions = pq.read_table(run_dir / "predictions", columns=["path", "label"]).to_pylist()
+        labels[engine] = {Path(row["path"]).name: row["label"] for row in predictions}
+    assert len(labels["local"]) == 9 and set(labels["local"].values()) <= set(classes)
+    assert labels["ray"] == labels["local"]

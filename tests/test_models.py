@@ -105,32 +105,77 @@ def test_missing_weights_without_network_name_the_expected_file(tmp_path, monkey
     assert str(tmp_path / "hub" / "checkpoints" / "resnet18-f37072fd.pth") in str(caught.value)
 
 
-def test_custom_state_dict_and_torchscript_checkpoints(tmp_path):
+def export_program(net: torch.nn.Module, path, batch: int | None = None) -> None:
+    """``net`` saved by torch.export, for batches of any size (``batch`` None) or of exactly ``batch`` images."""
+    example = torch.rand(batch or 2, 3, 224, 224)
+    shapes = None if batch else {"x": {0: torch.export.Dim("batch")}}
+    torch.export.save(torch.export.export(net, (example,), dynamic_shapes=shapes), path)
+
+
+def test_custom_state_dict_torchscript_and_exported_checkpoints_answer_alike(tmp_path):
     labels = tmp_path / "labels.txt"
     labels.write_text("cat\ndog\nbird\n")
     torch.manual_seed(1)
     net = torchvision.models.resnet18(weights=None, num_classes=3).eval()
     torch.save(net.state_dict(), tmp_path / "state.pth")
     torch.jit.save(torch.jit.trace(net, torch.rand(1, 3, 224, 224)), tmp_path / "scripted.pt")
-    crops = sample_crops("n01440764", 2, describe(parse_model("resnet18")).preprocessing)
-    results = []
+    export_program(net, tmp_path / "exported.pt2")
+    crops = sample_crops("n01440764", 6, describe(parse_model("resnet18")).preprocessing)  # a micro-batch and a short one
+    results = {}
     for spec in (
         parse_model(checkpoint=str(tmp_path / "state.pth"), arch="resnet18", labels_file=str(labels)),
         parse_model(checkpoint=str(tmp_path / "scripted.pt"), labels_file=str(labels)),
+        parse_model(checkpoint=str(tmp_path / "exported.pt2"), labels_file=str(labels)),
     ):
         info = describe(spec)
         ensure_weights(info)
         assert info.categories == ("cat", "dog", "bird")
-        results.append(Classifier(spec, device="cpu").probabilities(crops))
-    torch.testing.assert_close(results[0], results[1], rtol=1e-4, atol=1e-5)
+        classifier = Classifier(spec, device="cpu")
+        results[info.source] = classifier.probabilities(crops)
+        assert classifier.graph is not None  # each took the CPU fast path: a frozen graph, checked against the network
+    assert list(results) == ["torchvision resnet18 state dict", "TorchScript", "torch.export program"]
+    reference = results.pop("torchvision resnet18 state dict")
+    for probabilities in results.values():
+        torch.testing.assert_close(probabilities, reference, rtol=1e-4, atol=1e-5)
 
 
-def test_custom_checkpoint_that_does_not_fit_is_a_user_error(tmp_path):
+class Flat(torch.nn.Module):
+    """A classifier of 32-px images only: its linear layer takes exactly 3 × 32 × 32 values an image."""
+
+    def __init__(self):
+        super().__init__()
+        self.linear = torch.nn.Linear(3 * 32 * 32, 2)
+
+    def forward(self, x):
+        return self.linear(x.flatten(1))
+
+
+def test_custom_checkpoints_that_do_not_fit_are_one_line_user_errors(tmp_path):
     labels = tmp_path / "labels.txt"
     labels.write_text("a\nb\n")
-    torch.save(torchvision.models.resnet18(weights=None, num_classes=3).state_dict(), tmp_path / "state.pth")
-    with pytest.raises(UserError, match="cannot load checkpoint"):
-        ensure_weights(describe(parse_model(checkpoint=str(tmp_path / "state.pth"), arch="resnet18", labels_file=str(labels))))
+    net = torchvision.models.resnet18(weights=None, num_classes=3).eval()
+    torch.save(net.state_dict(), tmp_path / "state.pth")
+    torch.jit.save(torch.jit.trace(net, torch.rand(1, 3, 224, 224)), tmp_path / "three.pt")
+    torch.jit.save(torch.jit.trace(Flat().eval(), torch.rand(1, 3, 32, 32)), tmp_path / "small.pt")
+    export_program(net, tmp_path / "one-image.pt2", batch=1)
+    export_program(torchvision.models.resnet18(weights=None, num_classes=2).train(), tmp_path / "training.pt2")
+    torch.jit.save(torch.jit.trace(net, torch.rand(1, 3, 224, 224)), tmp_path / "named-wrong.pt2")
+    cases = {
+        ("state.pth", "resnet18"): "cannot load checkpoint",  # 3 classes in the weights, 2 labels
+        ("three.pt", None): r"gives \(1, 3\) for 1 image\(s\), where its 2 labels \(.*labels.txt\) need \(1, 2\)",
+        ("small.pt", None): r"cannot classify a batch of 1 image\(s\) of 3 × 224 × 224",
+        (
+            "one-image.pt2",
+            None,
+        ): r"one-image.pt2 was exported for batches of exactly 1 image\(s\): export it with a dynamic batch dimension",
+        ("training.pt2", None): r"training.pt2 was exported in training mode \(batch statistics, dropout\): call model.eval\(\) before",
+        ("named-wrong.pt2", None): r"named-wrong.pt2 \(a .pt2 file is read as a torch.export program, any other as TorchScript\): ",
+    }
+    for (checkpoint, arch), message in cases.items():
+        spec = parse_model(checkpoint=str(tmp_path / checkpoint), arch=arch, labels_file=str(labels))
+        with pytest.raises(UserError, match=message) as caught:
+            ensure_weights(describe(spec))
+        assert "\n" not in str(caught.value)
 
 
 def test_registry_lists_the_default_first_and_every_torchvision_classifier():
