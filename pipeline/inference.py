@@ -121,7 +121,7 @@ class Classifier:
         self.graph_checked = self.graph is not None or not traced
         self.checking = threading.Lock()
         # A kept graph is the whole network: without it torch alone is imported, not timm or torchvision.
-        self.module = None if self.graph is not None else load_module(spec).to(self.device).to(memory_format=torch.channels_last)
+        self.module = None if self.graph is not None else load_module(spec, self.device).to(memory_format=torch.channels_last)
         # (pixel / 255 - mean) / std as one multiply-add: pixel * scale + shift, per channel
         std = torch.tensor(self.preprocessing.std, device=self.device)
         self.scale = 1.0 / (255.0 * std)

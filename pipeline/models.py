@@ -211,14 +211,14 @@ def ensure_weights(info: ModelInfo) -> None:
         ) from error
 
 
-def load_module(spec: ModelSpec):
-    """Build the network with its weights, in eval mode, on the CPU."""
+def load_module(spec: ModelSpec, device: str = "cpu"):
+    """Build the network with its weights, in eval mode, on ``device``."""
     import torch
 
     if spec.name == DEFAULT_MODEL:
         module = _load_efficientnet_lite0()
     elif spec.name == "custom":
-        module = _load_custom(spec)
+        module = _load_custom(spec, device)
     else:
         models = _torchvision()
         state = models.get_model_weights(spec.name)[spec.weights].get_state_dict(progress=False)
@@ -233,7 +233,7 @@ def load_module(spec: ModelSpec):
     if module.training:  # an exported program comes marked for inference, and refuses eval()
         module.eval()
     torch.set_grad_enabled(False)
-    return module
+    return module.to(device)
 
 
 def _load_efficientnet_lite0():
@@ -279,12 +279,14 @@ def check_custom(module, info: ModelInfo) -> None:
             )
 
 
-def _load_custom(spec: ModelSpec):
+def _load_custom(spec: ModelSpec, device: str):
     import torch
 
     if not spec.arch:
         checkpoint = spec.checkpoint or ""
-        return _load_exported(checkpoint) if checkpoint.endswith(EXPORTED_SUFFIX) else torch.jit.load(checkpoint, map_location="cpu")
+        return (
+            _load_exported(checkpoint, device) if checkpoint.endswith(EXPORTED_SUFFIX) else torch.jit.load(checkpoint, map_location=device)
+        )
     labels = _read_labels(spec.labels_file or "")
     module = _torchvision().get_model(spec.arch, weights=None, num_classes=len(labels))
     state = torch.load(spec.checkpoint, map_location="cpu", weights_only=True)
@@ -294,10 +296,11 @@ def _load_custom(spec: ModelSpec):
     return module
 
 
-def _load_exported(path: str):
-    """A ``torch.export`` program as a module, if it takes batches of any size: the workers send batches
-    of their own size (micro-batches of a few images on a CPU, hundreds on a GPU)."""
+def _load_exported(path: str, device: str):
+    """A ``torch.export`` program as a module on ``device``, if it takes batches of any size: the workers
+    send batches of their own size (micro-batches of a few images on a CPU, hundreds on a GPU)."""
     import torch
+    import torch.export.passes
 
     program = torch.export.load(path)
     user_inputs = set(program.graph_signature.user_inputs)
@@ -317,7 +320,8 @@ def _load_exported(path: str):
         raise UserError(
             f"checkpoint {path} was exported in training mode (batch statistics, dropout): call model.eval() before torch.export.export"
         )
-    module = program.module()
+    # The program moves as a whole: a module's .to() leaves the graph's own tensors (constants) where they were
+    module = torch.export.passes.move_to_device_pass(program, device).module()
     # Its graph is fixed as exported, and it refuses eval(): marked for inference by hand, as eval() would,
     # so that the CPU fast path (torch.jit.freeze) takes it like any other network.
     for child in module.modules():

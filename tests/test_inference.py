@@ -284,3 +284,17 @@ def test_a_cpu_predictor_reuses_its_memory_from_batch_to_batch():
     )
     assert result.returncode == 0, result.stderr
     assert float(result.stdout.strip().splitlines()[-1]) < 1000
+
+
+@needs_cuda
+def test_an_exported_program_answers_on_the_gpu_like_on_the_cpu(tmp_path):
+    (tmp_path / "labels.txt").write_text("".join(f"class {i}\n" for i in range(10)))
+    torch.manual_seed(0)
+    net = torchvision.models.resnet18(weights=None, num_classes=10).eval()
+    program = torch.export.export(net, (torch.rand(2, 3, 224, 224),), dynamic_shapes={"x": {0: torch.export.Dim("batch")}})
+    torch.export.save(program, tmp_path / "mine.pt2")
+    spec = parse_model(checkpoint=str(tmp_path / "mine.pt2"), labels_file=str(tmp_path / "labels.txt"))
+    crops = sample_crops(16, describe(spec).preprocessing)
+    cpu = Classifier(spec, device="cpu", precision="fp32").probabilities(crops)
+    gpu = Classifier(spec, device="cuda", precision="fp32").probabilities(crops).cpu()
+    assert gpu.shape == (16, 10) and torch.allclose(gpu, cpu, atol=1e-2)  # cuDNN's convolutions may run in TF32

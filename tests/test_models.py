@@ -139,6 +139,29 @@ def test_custom_state_dict_torchscript_and_exported_checkpoints_answer_alike(tmp
         torch.testing.assert_close(probabilities, reference, rtol=1e-4, atol=1e-5)
 
 
+class Weighted(torch.nn.Module):
+    """A network with a tensor of its own in its forward pass, which torch.export keeps as a constant of the graph."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = torch.nn.Conv2d(3, 2, 1)
+
+    def forward(self, x):
+        return (self.conv(x) * torch.tensor([1.0, 2.0]).view(1, 2, 1, 1)).mean((2, 3))
+
+
+def test_an_exported_program_moves_whole_to_the_device_it_runs_on(tmp_path):
+    """A module's .to() leaves an exported graph's constants behind (on a GPU: a device mismatch in every
+    batch). Checked on the meta device, which needs no GPU."""
+    (tmp_path / "labels.txt").write_text("a\nb\n")
+    export_program(Weighted().eval(), tmp_path / "weighted.pt2")
+    spec = parse_model(checkpoint=str(tmp_path / "weighted.pt2"), labels_file=str(tmp_path / "labels.txt"))
+    module = load_module(spec, "meta")
+    tensors = [*module.parameters(), *module.buffers(), *(v for v in vars(module).values() if isinstance(v, torch.Tensor))]
+    assert len(tensors) == 3 and all(t.device.type == "meta" for t in tensors)
+    assert module(torch.zeros(3, 3, 224, 224, device="meta")).shape == (3, 2)
+
+
 class Flat(torch.nn.Module):
     """A classifier of 32-px images only: its linear layer takes exactly 3 × 32 × 32 values an image."""
 
