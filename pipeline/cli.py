@@ -79,6 +79,13 @@ def _add_model_options(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--arch", help="torchvision architecture of a state-dict --checkpoint")
     parser.add_argument("--labels", help="class names of a --checkpoint, one per line")
+    parser.add_argument(
+        "--preprocess",
+        metavar="KEY=VALUE,...",
+        help="a --checkpoint's input: crop=299 (an image's shorter side resized to 342 first, ImageNet's ratio), "
+        "resize=, mean=0.5/0.5/0.5, std=, interpolation=bilinear|bicubic (default: resize 256, crop 224, ImageNet's mean "
+        "and std, bilinear; with --arch, its weights')",
+    )
 
 
 def build_parser() -> Parser:
@@ -185,7 +192,7 @@ class ProgressPrinter:
 
 
 def _model_spec(args):
-    return parse_model(args.model, checkpoint=args.checkpoint, arch=args.arch, labels_file=args.labels)
+    return parse_model(args.model, checkpoint=args.checkpoint, arch=args.arch, labels_file=args.labels, preprocess=args.preprocess)
 
 
 def cmd_run(args) -> int:

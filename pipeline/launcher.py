@@ -62,6 +62,7 @@ def launch_run(request: RunRequest) -> Launch:
         "--checkpoint": spec.checkpoint,
         "--arch": spec.arch,
         "--labels": spec.labels_file,
+        "--preprocess": spec.preprocess,
         "--batch-size": request.batch_size,
         "--concurrency": request.concurrency,
         "--num-gpus": request.num_gpus,

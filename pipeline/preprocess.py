@@ -41,6 +41,54 @@ class Preprocessing:
     def describe(self) -> str:
         return f"resize {self.resize} ({self.interpolation}), centre crop {self.crop}, mean {self.mean}, std {self.std}"
 
+    def overridden(self, text: str) -> Preprocessing:
+        """This preprocessing with ``text``'s values, ``key=value`` pairs separated by commas: ``resize``,
+        ``crop`` (alone, the resize keeps this one's ratio to it: 224 of 256 → 299 of 342), ``mean`` and
+        ``std`` (three values separated by ``/``), ``interpolation``. ValueError for anything else."""
+        sizes: dict[str, int] = {}
+        colours: dict[str, tuple[float, float, float]] = {}
+        interpolation = self.interpolation
+        seen: set[str] = set()
+        for pair in filter(None, (item.strip() for item in text.split(","))):
+            key, _, value = (part.strip() for part in pair.partition("="))
+            if key in seen:
+                raise ValueError(f"{key} given twice")
+            seen.add(key)
+            if key in ("resize", "crop"):
+                sizes[key] = _whole_number(key, value)
+            elif key in ("mean", "std"):
+                colours[key] = _three_numbers(key, value)
+            elif key == "interpolation":
+                if value not in RESAMPLING:
+                    raise ValueError(f"interpolation must be one of {', '.join(RESAMPLING)}, got {value!r}")
+                interpolation = value
+            else:
+                raise ValueError(f"unknown key {key!r}: use resize, crop, mean, std or interpolation")
+        crop = sizes.get("crop", self.crop)
+        resize = sizes.get("resize", round(crop * self.resize / self.crop) if "crop" in sizes else self.resize)
+        if crop > resize:
+            raise ValueError(f"crop {crop} is bigger than resize {resize}")
+        mean, std = colours.get("mean", self.mean), colours.get("std", self.std)
+        if any(value <= 0 for value in std):
+            raise ValueError("std must be positive")
+        return Preprocessing(resize, crop, mean, std, interpolation)
+
+
+def _whole_number(key: str, value: str) -> int:
+    if not value.isdigit() or not 16 <= int(value) <= 4096:
+        raise ValueError(f"{key} must be a whole number of pixels from 16 to 4096, got {value!r}")
+    return int(value)
+
+
+def _three_numbers(key: str, value: str) -> tuple[float, float, float]:
+    try:
+        numbers = tuple(float(number) for number in value.split("/"))
+    except ValueError:
+        numbers = ()
+    if len(numbers) != 3:
+        raise ValueError(f"{key} must be three numbers separated by '/' (R/G/B), got {value!r}")
+    return numbers[0], numbers[1], numbers[2]
+
 
 def open_rgb(data: bytes, min_side: int | None = None) -> Image.Image:
     """Decode bytes to an upright RGB image; ``min_side`` lets JPEGs decode at a reduced scale."""

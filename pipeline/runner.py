@@ -297,7 +297,7 @@ def execute(path: Path, on_progress: ProgressCallback | None = None, source: Sou
     stop = StopFlag(path)
     stop.install()
     previous_elapsed = manifest.elapsed_s
-    spec = ModelSpec(**{k: manifest.model[k] for k in ModelSpec.__dataclass_fields__})
+    spec = ModelSpec(**{k: v for k, v in manifest.model.items() if k in ModelSpec.__dataclass_fields__})  # older runs lack newer fields
     inputs = pq.read_table(path / runs.INPUTS)
     predicted = runs.read_predictions(path, columns=["path", "ground_truth", "label", "topk_labels", "label_set_scores"])
     failed = runs.read_errors(path)

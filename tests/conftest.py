@@ -62,6 +62,21 @@ def add_kittens(root: Path) -> None:
     shutil.copy(next((root / "n01440764").iterdir()), root / "kittens" / "cat.jpg")
 
 
+def small_input_program(folder: Path, images: Path) -> tuple[Path, Path]:
+    """A user's own network of 32-px inputs only (a linear layer over their 3 × 32 × 32 values) saved by
+    torch.export for batches of any size, and its labels file: the class folders of ``images``."""
+    import torch
+
+    classes = sorted(child.name for child in images.iterdir() if child.is_dir())
+    labels = folder / "labels.txt"
+    labels.write_text("\n".join(classes) + "\n")
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(3 * 32 * 32, len(classes))).eval()
+    program = torch.export.export(net, (torch.rand(2, 3, 32, 32),), dynamic_shapes=({0: torch.export.Dim("batch")},))
+    torch.export.save(program, folder / "small-input.pt2")
+    return folder / "small-input.pt2", labels
+
+
 @pytest.fixture(scope="session")
 def torch_home(tmp_path_factory) -> Path:
     """A TORCH_HOME holding resnet18's checkpoint under torchvision's file name, randomly initialised.

@@ -10,7 +10,7 @@ from pathlib import Path
 import psutil
 import pytest
 
-from .conftest import ROOT, add_kittens, cli_env, run_cli
+from .conftest import ROOT, add_kittens, cli_env, run_cli, small_input_program
 
 
 def ray_servers() -> set[int]:
@@ -166,3 +166,18 @@ def test_an_exported_program_runs_alike_in_local_workers_and_on_ray(small_folder
         labels[engine] = {Path(row["path"]).name: row["label"] for row in predictions}
     assert len(labels["local"]) == 9 and set(labels["local"].values()) <= set(classes)
     assert labels["ray"] == labels["local"]
+
+
+def test_a_custom_program_of_its_own_input_size_is_refused_at_224_and_runs_with_preprocess(small_folder, tmp_path):
+    checkpoint, labels = small_input_program(tmp_path, small_folder)
+    common = ("--data", str(small_folder), "--out", str(tmp_path / "runs"), "--checkpoint", str(checkpoint), "--labels", str(labels))
+    refused = run_cli("run", *common)
+    assert refused.returncode == 2
+    assert refused.stderr.strip().splitlines() == [refused.stderr.strip()]  # one line
+    assert refused.stderr.startswith(f"error: checkpoint {checkpoint} cannot classify a batch of 1 image(s) of 3 × 224 × 224: ")
+    assert not (tmp_path / "runs").exists() or not any((tmp_path / "runs").glob("*/manifest.json"))
+    ran = run_cli("run", *common, "--preprocess", "crop=32")
+    assert ran.returncode == 0, ran.stderr
+    manifest = json.loads((Path(ran.stdout.strip().splitlines()[-1]) / "manifest.json").read_text())
+    assert manifest["status"] == "complete" and manifest["counts"]["predicted"] == 9 and manifest["counts"]["failed"] == 0
+    assert manifest["model"]["preprocess"] == "crop=32"

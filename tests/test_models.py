@@ -198,6 +198,20 @@ def test_custom_checkpoints_that_do_not_fit_are_one_line_user_errors(tmp_path):
         assert "\n" not in str(caught.value)
 
 
+def test_a_custom_networks_input_is_its_base_with_what_preprocess_gives(tmp_path):
+    (tmp_path / "labels.txt").write_text("a\nb\n")
+    (tmp_path / "net.pt2").write_bytes(b"")  # only described here: nothing loads it
+    custom = {"checkpoint": str(tmp_path / "net.pt2"), "labels_file": str(tmp_path / "labels.txt")}
+    own = describe(parse_model(**custom, preprocess="crop=32, mean=0.5/0.5/0.5")).preprocessing
+    assert (own.resize, own.crop, own.mean, own.std) == (37, 32, (0.5, 0.5, 0.5), (0.229, 0.224, 0.225))
+    resnet = describe(parse_model(**custom, arch="resnet18", preprocess="crop=160")).preprocessing
+    assert (resnet.resize, resnet.crop) == (183, 160)  # over resnet18's weights' 224 of 256
+    with pytest.raises(UserError, match=r"^--preprocess 'crop=8': crop must be a whole number of pixels from 16 to 4096"):
+        parse_model(**custom, preprocess="crop=8")
+    with pytest.raises(UserError, match="--preprocess is for a --checkpoint: a named model brings its own"):
+        parse_model("resnet50", preprocess="crop=32")
+
+
 def test_registry_lists_the_default_first_and_every_torchvision_classifier():
     entries = registry()
     assert entries[0].name == DEFAULT_MODEL and entries[0].available_offline

@@ -158,3 +158,41 @@ def test_bad_files_raise_readable_errors(data, reason):
     with pytest.raises(Exception) as caught:
         decode(data, PREP)
     assert reason in describe_error(caught.value)
+
+
+IMAGENET = Preprocessing(256, 224, (0.485, 0.456, 0.406), (0.229, 0.224, 0.225), "bilinear")
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        ("crop=299", Preprocessing(342, 299, IMAGENET.mean, IMAGENET.std, "bilinear")),  # ImageNet's 224 of 256
+        ("resize=320", Preprocessing(320, 224, IMAGENET.mean, IMAGENET.std, "bilinear")),
+        (
+            " crop=384 , resize=384, mean=0.5/0.5/0.5, std=0.5/0.5/0.5, interpolation=bicubic ",
+            Preprocessing(384, 384, (0.5,) * 3, (0.5,) * 3, "bicubic"),
+        ),
+        ("", IMAGENET),
+    ],
+)
+def test_a_networks_own_input_overrides_its_base_preprocessing(text, expected):
+    assert IMAGENET.overridden(text) == expected
+
+
+@pytest.mark.parametrize(
+    ("text", "reason"),
+    [
+        ("crop=8", "crop must be a whole number of pixels from 16 to 4096, got '8'"),
+        ("crop=2.5", "crop must be a whole number of pixels"),
+        ("crop=300,resize=256", "crop 300 is bigger than resize 256"),
+        ("size=224", "unknown key 'size': use resize, crop, mean, std or interpolation"),
+        ("mean=0.5/0.5", "mean must be three numbers separated by '/' (R/G/B), got '0.5/0.5'"),
+        ("std=0.5/0/0.5", "std must be positive"),
+        ("interpolation=nearest", "interpolation must be one of bilinear, bicubic, got 'nearest'"),
+        ("crop=224,crop=256", "crop given twice"),
+    ],
+)
+def test_a_bad_input_description_says_what_is_wrong(text, reason):
+    with pytest.raises(ValueError) as caught:
+        IMAGENET.overridden(text)
+    assert str(caught.value).startswith(reason)

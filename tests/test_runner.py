@@ -12,11 +12,11 @@ import pytest
 
 from pipeline import local, runner, runs
 from pipeline.errors import UserError
-from pipeline.models import ModelSpec
+from pipeline.models import ModelSpec, parse_model
 from pipeline.runner import RunRequest, engine_for, execute, in_background, label_inputs, resume, run, start
 from pipeline.sources import Listing, Source
 
-from .conftest import ROOT
+from .conftest import ROOT, small_input_program
 
 
 def read_all(path):
@@ -113,12 +113,23 @@ def test_a_dead_owner_process_reads_as_interrupted_and_can_be_resumed(small_fold
     dead.wait()
     manifest = json.loads((path / "manifest.json").read_text())
     manifest.update(pid=dead.pid, pid_started=0.0)
+    del manifest["model"]["preprocess"]  # as a run written before that field existed
     (path / "manifest.json").write_text(json.dumps(manifest))
     assert runs.read_manifest(path).status == "interrupted"
     assert json.loads((path / "manifest.json").read_text())["status"] == "interrupted"
     assert resume(path).status == "complete"
     with pytest.raises(UserError, match="already complete"):
         resume(path)
+
+
+def test_a_run_finishes_with_the_input_its_manifest_gave_the_model(small_folder, tmp_path):
+    """``execute`` (how ``resume`` finishes a run) rebuilds the model from the manifest, with its own input
+    size: at ImageNet's default every image of this 32-px network would fail."""
+    checkpoint, labels = small_input_program(tmp_path, small_folder)
+    spec = parse_model(checkpoint=str(checkpoint), labels_file=str(labels), preprocess="crop=32")
+    path, _ = start(RunRequest(data=str(small_folder), model=spec, out=str(tmp_path / "runs")))
+    manifest = execute(path)
+    assert manifest.status == "complete" and (manifest.counts.predicted, manifest.counts.failed) == (9, 0)
 
 
 def test_limit_takes_a_reproducible_sample(tmp_path):
