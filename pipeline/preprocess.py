@@ -8,6 +8,7 @@ other images by Pillow: at reduced scale (``draft``) for JPEGs much bigger than 
 from __future__ import annotations
 
 import io
+import math
 import warnings
 from dataclasses import dataclass
 
@@ -85,7 +86,7 @@ def _three_numbers(key: str, value: str) -> tuple[float, float, float]:
         numbers = tuple(float(number) for number in value.split("/"))
     except ValueError:
         numbers = ()
-    if len(numbers) != 3:
+    if len(numbers) != 3 or not all(math.isfinite(number) for number in numbers):
         raise ValueError(f"{key} must be three numbers separated by '/' (R/G/B), got {value!r}")
     return numbers[0], numbers[1], numbers[2]
 

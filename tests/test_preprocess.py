@@ -187,6 +187,7 @@ def test_a_networks_own_input_overrides_its_base_preprocessing(text, expected):
         ("crop=300,resize=256", "crop 300 is bigger than resize 256"),
         ("size=224", "unknown key 'size': use resize, crop, mean, std or interpolation"),
         ("mean=0.5/0.5", "mean must be three numbers separated by '/' (R/G/B), got '0.5/0.5'"),
+        ("mean=nan/0.5/0.5", "mean must be three numbers separated by '/' (R/G/B), got 'nan/0.5/0.5'"),
         ("std=0.5/0/0.5", "std must be positive"),
         ("interpolation=nearest", "interpolation must be one of bilinear, bicubic, got 'nearest'"),
         ("crop=224,crop=256", "crop given twice"),
