@@ -199,7 +199,7 @@ def _custom_format(spec: ModelSpec) -> str:
 
 def ensure_weights(info: ModelInfo) -> None:
     """Fetch torchvision weights into the hub cache once, in the driver, or fail with one clear line;
-    a user's own network is loaded here, and a program (TorchScript, torch.export) tried (``check_custom``)."""
+    a user's own network is loaded here, and a program (TorchScript, torch.export) tried (``_check_custom``)."""
     if info.spec.name == "custom":
         try:
             module = load_module(info.spec)
@@ -209,7 +209,7 @@ def ensure_weights(info: ModelInfo) -> None:
             hint = "" if info.spec.arch else f" (a {EXPORTED_SUFFIX} file is read as a torch.export program, any other as TorchScript)"
             raise UserError(f"cannot load checkpoint {info.spec.checkpoint}{hint}: {one_line(error)}") from error
         if not info.spec.arch:  # a torchvision architecture built for the labels takes its crops and scores each label
-            check_custom(module, info)
+            _check_custom(module, info)
         return
     if info.available_offline:
         return
@@ -270,7 +270,7 @@ def _load_efficientnet_lite0():
     return module
 
 
-def check_custom(module, info: ModelInfo) -> None:
+def _check_custom(module, info: ModelInfo) -> None:
     """A user's program must take batches of the crops it will be given and score each of its labels:
     tried on blank crops (one, then two) in the driver, so that a mismatch is one line before the run starts
     instead of every image failing in the workers (or scores past the labels file's end)."""
