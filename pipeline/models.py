@@ -191,10 +191,15 @@ def _custom_preprocessing(spec: ModelSpec) -> Preprocessing:
     return preprocessing.overridden(spec.preprocess) if spec.preprocess else preprocessing
 
 
+def _is_exported(spec: ModelSpec) -> bool:
+    """Whether a checkpoint without ``--arch`` is read as a torch.export program (by its name) or as TorchScript."""
+    return (spec.checkpoint or "").endswith(EXPORTED_SUFFIX)
+
+
 def _custom_format(spec: ModelSpec) -> str:
     if spec.arch:
         return f"torchvision {spec.arch} state dict"
-    return "torch.export program" if (spec.checkpoint or "").endswith(EXPORTED_SUFFIX) else "TorchScript"
+    return "torch.export program" if _is_exported(spec) else "TorchScript"
 
 
 def ensure_weights(info: ModelInfo) -> None:
@@ -298,9 +303,7 @@ def _load_custom(spec: ModelSpec, device: str):
 
     if not spec.arch:
         checkpoint = spec.checkpoint or ""
-        return (
-            _load_exported(checkpoint, device) if checkpoint.endswith(EXPORTED_SUFFIX) else torch.jit.load(checkpoint, map_location=device)
-        )
+        return _load_exported(checkpoint, device) if _is_exported(spec) else torch.jit.load(checkpoint, map_location=device)
     labels = _read_labels(spec.labels_file or "")
     module = _torchvision().get_model(spec.arch, weights=None, num_classes=len(labels))
     state = torch.load(spec.checkpoint, map_location="cpu", weights_only=True)
