@@ -314,8 +314,8 @@ def _load_custom(spec: ModelSpec, device: str):
 
 
 def _load_exported(path: str, device: str):
-    """A ``torch.export`` program as a module on ``device``, if it takes batches of any size: the workers
-    send batches of their own size (micro-batches of a few images on a CPU, hundreds on a GPU)."""
+    """A ``torch.export`` program as a module on ``device``, if its batch dimension is dynamic: the workers
+    send batches of their own size (micro-batches of a few images on a CPU, hundreds on a GPU, one at the end)."""
     import torch
     import torch.export.passes
 
@@ -339,11 +339,38 @@ def _load_exported(path: str, device: str):
         )
     # The program moves as a whole: a module's .to() leaves the graph's own tensors (constants) where they were
     module = torch.export.passes.move_to_device_pass(program, device).module()
+    batch = program.range_constraints.get(shapes[0][0].node.expr)  # the batch dimension's bounds, as exported
+    if batch is not None and (batch.lower > 1 or batch.upper.is_Integer):
+        module = _batches_between(module, int(batch.lower), int(batch.upper) if batch.upper.is_Integer else None)
     # Its graph is fixed as exported, and it refuses eval(): marked for inference by hand, as eval() would,
     # so that the CPU fast path (torch.jit.freeze) takes it like any other network.
     for child in module.modules():
         child.training = False
     return module
+
+
+def _batches_between(program, smallest: int, largest: int | None):
+    """A program exported for batches of ``smallest`` to ``largest`` images (``Dim("batch", min=…, max=…)``), made to
+    take any batch: a large one in slices of ``largest``, a short one (a run's last) padded with its last image."""
+    import torch
+
+    class BatchesBetween(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.program = program
+
+        def forward(self, images):
+            slices = images.split(largest) if largest else (images,)
+            return torch.cat([self.padded_forward(piece) for piece in slices])
+
+        def padded_forward(self, images):
+            short = smallest - len(images)
+            if short <= 0:
+                return self.program(images)
+            padding = images[-1:].expand(short, *images.shape[1:])
+            return self.program(torch.cat([images, padding]))[: len(images)]
+
+    return BatchesBetween()
 
 
 def _trains(node) -> bool:

@@ -105,10 +105,12 @@ def test_missing_weights_without_network_name_the_expected_file(tmp_path, monkey
     assert str(tmp_path / "hub" / "checkpoints" / "resnet18-f37072fd.pth") in str(caught.value)
 
 
-def export_program(net: torch.nn.Module, path, batch: int | None = None) -> None:
-    """``net`` saved by torch.export, for batches of any size (``batch`` None) or of exactly ``batch`` images."""
-    example = torch.rand(batch or 2, 3, 224, 224)
-    shapes = None if batch else {"x": {0: torch.export.Dim("batch")}}
+def export_program(net: torch.nn.Module, path, batch: int | None = None, bounds: tuple[int, int] | None = None) -> None:
+    """``net`` saved by torch.export, for batches of any size (``batch`` None), of exactly ``batch`` images, or of
+    ``bounds`` (the smallest and largest batch) images."""
+    smallest, largest = bounds or (None, None)
+    example = torch.rand(batch or smallest or 2, 3, 224, 224)
+    shapes = None if batch else {"x": {0: torch.export.Dim("batch", min=smallest, max=largest)}}
     torch.export.save(torch.export.export(net, (example,), dynamic_shapes=shapes), path)
 
 
@@ -160,6 +162,29 @@ def test_an_exported_program_moves_whole_to_the_device_it_runs_on(tmp_path):
     tensors = [*module.parameters(), *module.buffers(), *(v for v in vars(module).values() if isinstance(v, torch.Tensor))]
     assert len(tensors) == 3 and all(t.device.type == "meta" for t in tensors)
     assert module(torch.zeros(3, 3, 224, 224, device="meta")).shape == (3, 2)
+
+
+def test_a_program_exported_for_bounded_batches_answers_batches_of_any_size(tmp_path):
+    """Exported with Dim("batch", min=3, max=5), a program refuses a run's last image alone and a GPU's 720:
+    the loader pads the short batch and slices the long one, so it answers like a program of any batch."""
+    labels = tmp_path / "labels.txt"
+    labels.write_text("a\nb\n")
+    net = Weighted().eval()
+    export_program(net, tmp_path / "any.pt2")
+    export_program(net, tmp_path / "bounded.pt2", bounds=(3, 5))
+    with pytest.raises(AssertionError, match="Guard failed"):  # as saved, the bounds hold
+        torch.export.load(tmp_path / "bounded.pt2").module()(torch.rand(6, 3, 224, 224))
+    crops = sample_crops("n01440764", 13, describe(parse_model("resnet18")).preprocessing)
+    answers = {}
+    for checkpoint in ("any.pt2", "bounded.pt2"):
+        spec = parse_model(checkpoint=str(tmp_path / checkpoint), labels_file=str(labels))
+        ensure_weights(describe(spec))  # tried on 1 and 2 images in the driver
+        for fast_path in (True, False):  # micro-batches of 4 through a frozen graph; whole batches, eagerly
+            classifier = Classifier(spec, device="cpu", fast_path=fast_path)
+            answers[checkpoint, fast_path] = [classifier.probabilities(crops[:n]) for n in (1, 13)]
+    for (_, fast_path), probabilities in answers.items():
+        for mine, reference in zip(probabilities, answers["any.pt2", fast_path], strict=True):
+            torch.testing.assert_close(mine, reference, rtol=1e-4, atol=1e-6)
 
 
 class Flat(torch.nn.Module):
