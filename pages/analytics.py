@@ -152,7 +152,7 @@ def body() -> None:
     k[0].metric("Predicted", f"{s.predicted:,}")
     k[1].metric("Failed", f"{len(errors):,}")
     k[2].metric("Top-1", widgets.percent(s.top1))
-    k[3].metric("Top-5", widgets.percent(s.top5))
+    k[3].metric(f"Top-{manifest.params.topk}", widgets.percent(s.top5))
     k[4].metric(
         "Label-set top-1",
         widgets.percent(s.label_set_top1),

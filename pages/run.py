@@ -57,7 +57,8 @@ with st.form("launch"):
         help="Empty: two actors share each GPU, or the GPUs are shared by the concurrency asked for; 0 runs on CPUs",
     )
     limit = c4.number_input("Limit (0 = all images)", min_value=0, value=0, step=100)
-    engine = st.selectbox(
+    c5, c6 = st.columns([3, 1])
+    engine = c5.selectbox(
         "Engine",
         ENGINES,
         format_func=ENGINE_LABELS.get,
@@ -65,6 +66,13 @@ with st.form("launch"):
             f"Local worker processes skip Ray's start-up (seconds): auto uses them for up to {LOCAL_MAX_IMAGES:,} images "
             "on this machine, on its CPUs or GPUs, and Ray Data for bigger runs and clusters."
         ),
+    )
+    topk = c6.number_input(
+        "Top-k kept",
+        min_value=1,
+        max_value=20,
+        value=5,
+        help="Classes stored per image, best first; top-k accuracy counts a hit among them",
     )
     if resources:
         where = "This machine" if resources["address"] == LOCAL else f"Ray cluster at {resources['address']}"
@@ -86,6 +94,7 @@ if submitted:
             num_gpus=float(num_gpus) if has_gpu and num_gpus is not None else None,
             limit=int(limit) or None,
             address=settings.address_or_none,
+            topk=int(topk),
             engine=engine,
         )
         try:

@@ -120,6 +120,9 @@ def build_parser() -> Parser:
         help="auto (default): bf16 autocast on GPUs where the model's top-1 holds, fp32 on CPUs",
     )
     run.add_argument("--engine", choices=ENGINES, default="auto", help=ENGINE_HELP)
+    run.add_argument(
+        "--topk", type=positive_int, default=5, help="classes kept per image, best first, 1-20 (default 5); top-k accuracy counts them"
+    )
     run.add_argument("--run-id", default=None, help=argparse.SUPPRESS)
 
     resume = commands.add_parser("resume", help="finish an interrupted, failed or cancelled run")
@@ -210,6 +213,7 @@ def cmd_run(args) -> int:
         address=args.address,
         s3_endpoint=args.s3_endpoint,
         run_id=args.run_id,
+        topk=args.topk,
         precision=args.precision,
         engine=args.engine,
     )
@@ -239,7 +243,7 @@ def _report(path: Path, manifest, out) -> int:
     counts = manifest.counts
     summary = f"{manifest.status}: {counts.predicted} predicted, {counts.failed} failed, {counts.skipped} skipped"
     if manifest.accuracy.top1 is not None:
-        summary += f"; top-1 {manifest.accuracy.top1:.1%}, top-5 {manifest.accuracy.top5:.1%}"
+        summary += f"; top-1 {manifest.accuracy.top1:.1%}, top-{manifest.params.topk} {manifest.accuracy.top5:.1%}"
         if manifest.label_set:
             summary += f", top-1 among the dataset's {len(manifest.label_set)} classes {manifest.accuracy.label_set_top1:.1%}"
     if manifest.images_per_s:

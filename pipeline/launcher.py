@@ -56,7 +56,7 @@ def launch_run(request: RunRequest) -> Launch:
     spec = request.model
     data, credentials = credentials_to_environment(request.data)
     args = ["run", "--data", data, "--out", str(out), "--run-id", run_id]
-    args += ["--precision", request.precision, "--engine", request.engine]
+    args += ["--precision", request.precision, "--engine", request.engine, "--topk", str(request.topk)]
     optional = {
         "--model": None if spec.name == "custom" else spec.display_name,
         "--checkpoint": spec.checkpoint,

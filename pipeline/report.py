@@ -92,7 +92,7 @@ def build_report(path: str | Path, predictions: metrics.Predictions | None = Non
         ("Predicted", f"{s.predicted:,}"),
         ("Failed", f"{errors.num_rows:,}"),
         ("Top-1", _percent(s.top1)),
-        ("Top-5", _percent(s.top5)),
+        (f"Top-{manifest.params.topk}", _percent(s.top5)),
     ]
     if s.label_set_top1 is not None:
         kpis.append((f"Top-1 among the dataset's {len(manifest.label_set or ())} classes", _percent(s.label_set_top1)))

@@ -72,7 +72,8 @@ class Counts:
 
 @dataclass
 class Accuracy:
-    """Top-k accuracy over the images that have ground truth."""
+    """Top-k accuracy over the images that have ground truth. ``top5`` counts hits among the run's
+    ``params.topk`` classes: named for the default k, and kept so for manifests already written."""
 
     labelled: int = 0
     top1_correct: int = 0

@@ -25,11 +25,12 @@ def ray_servers() -> set[int]:
 def test_run_prints_progress_and_the_run_folder_last(small_folder, tmp_path):
     before = ray_servers()
     add_kittens(small_folder)
-    result = run_cli("run", "--data", str(small_folder), "--out", str(tmp_path / "runs"), "--batch-size", "4")
+    result = run_cli("run", "--data", str(small_folder), "--out", str(tmp_path / "runs"), "--batch-size", "4", "--topk", "3")
     assert result.returncode == 0, result.stderr
     run_dir = Path(result.stdout.strip().splitlines()[-1])
     assert run_dir.parent == tmp_path / "runs" and (run_dir / "manifest.json").is_file()
     assert "10/10" in result.stderr and "img/s" in result.stderr and "ETA" in result.stderr
+    assert "top-3 " in result.stderr and "top-5" not in result.stderr  # the run's own k
     assert "note: 1 image has a ground truth that is not a class of this model (kittens)" in result.stderr
     assert "Traceback" not in result.stderr
     manifest = json.loads((run_dir / "manifest.json").read_text())
@@ -95,6 +96,7 @@ def test_models_lists_the_embedded_default_as_offline():
         (["resume", "/no/such/run"], "not a run folder"),
         (["run", "--concurrency", "64"], "CPUs this run can use"),
         (["run", "--engine", "warp"], "invalid choice"),
+        (["run", "--topk", "30"], "top-k must be between 1 and 20"),
         (["run", "--engine", "local", "--address", "10.0.0.5:6379"], "--engine local runs on this machine"),
     ],
 )

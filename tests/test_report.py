@@ -15,8 +15,8 @@ from pipeline.runner import RunRequest, run
 
 @pytest.fixture(scope="module")
 def real_run(tmp_path_factory):
-    """The embedded sample (20 images per class, 10 classes) limited to 60, through Ray."""
-    path, manifest = run(RunRequest(out=str(tmp_path_factory.mktemp("runs")), limit=60, batch_size=16))
+    """The embedded sample (20 images per class, 10 classes) limited to 60, through Ray, keeping each image's top 3."""
+    path, manifest = run(RunRequest(out=str(tmp_path_factory.mktemp("runs")), limit=60, batch_size=16, topk=3))
     assert manifest.status == "complete"
     return path
 
@@ -29,6 +29,7 @@ def test_report_is_self_contained_and_carries_the_runs_numbers(real_run):
     assert "Plotly.newPlot" in html and html.count("Plotly.newPlot") == 5
     assert html.count("data:image/jpeg;base64,") >= 12  # thumbnails embedded, not linked
     assert f"{manifest.accuracy.top1:.1%}" in html and f"{manifest.accuracy.label_set_top1:.1%}" in html
+    assert f"<b>{manifest.accuracy.top5:.1%}</b><span>Top-3</span>" in html and "Top-5" not in html
     assert "Per class" in html and "Most confused pairs" in html and "Reliability" in html
 
 
@@ -65,7 +66,7 @@ def test_exports_hold_exactly_the_chosen_rows(real_run, file_format):
     assert sorted(table.column("path").to_pylist()) == sorted(wrong.path_of(np.arange(len(wrong))))
     if file_format == "csv":
         first = table.column("topk_labels")[0].as_py()
-        assert first.count("|") == 4  # five labels, one line
+        assert first.count("|") == 2  # the run's three labels, one line
     assert all(a != b for a, b in zip(table.column("label").to_pylist(), table.column("ground_truth").to_pylist(), strict=True))
 
 

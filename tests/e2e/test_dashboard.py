@@ -160,6 +160,7 @@ def test_run_survives_closing_the_page_and_restarting_the_server(browser, runs_d
     page = open_page(browser, f"{url}/run")  # first visit of a fresh server, straight to /run
     assert_app_chrome(page)
     page.get_by_label("Limit (0 = all images)").fill("40")
+    page.get_by_role("spinbutton", name="Top-k kept").fill("3")
     # On Ray: local worker processes would finish 40 images within seconds, before the server restarts.
     page.locator('[data-testid="stSelectbox"]').filter(has_text="Engine").click()
     page.get_by_role("option", name="Ray Data", exact=True).click()
@@ -188,6 +189,7 @@ def test_run_survives_closing_the_page_and_restarting_the_server(browser, runs_d
         assert page.locator(".js-plotly-plot .main-svg").count() >= 5  # charts of every tab are drawn
         text = page.locator('[data-testid="stMain"]').inner_text()
         assert "Top-1" in text and "Label-set top-1" in text and "Labels: predicted vs ground truth" in text
+        assert "Top-3" in text and "Top-5" not in text  # the run kept each image's top 3, as asked
         assert_no_exception(page, "analytics")
         for tab in ("Per class", "Confusion", "Calibration", "Examples"):
             page.get_by_role("tab", name=tab).click()
