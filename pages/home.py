@@ -19,7 +19,7 @@ left.metric(
     widgets.SAMPLE_DATA.name if settings.data == str(widgets.SAMPLE_DATA) else settings.data_display.rstrip("/").rsplit("/", 1)[-1],
 )
 left.caption(settings.data_display)
-middle.metric("Model", settings.model)
+middle.metric("Model", settings.model_display)
 right.metric("Ray cluster", settings.address or "local")
 right.caption(f"runs saved in {settings.out}")
 

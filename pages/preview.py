@@ -4,7 +4,6 @@ import streamlit as st
 
 from pages import widgets
 from pipeline.errors import UserError
-from pipeline.models import parse_model
 from pipeline.preview import preview
 
 COLUMNS = 4
@@ -19,14 +18,14 @@ seed = middle.number_input("Seed", min_value=0, value=0, step=1)
 go = right.button("Classify sample", type="primary", width="stretch")
 show_topk = st.toggle("Show top-5 for every image", value=False)
 
-key = (settings.data, settings.model, n, int(seed))
+key = (settings, n, int(seed))
 if go or st.session_state.get("preview_key") != key:
-    problem = widgets.dataset_problem(settings.data) or widgets.model_problem(settings.model)
+    problem = widgets.dataset_problem(settings.data) or widgets.model_problem(settings)
     if problem:
         st.error(problem)
         st.stop()
     try:
-        classifier = widgets.cached_classifier(parse_model(settings.model))
+        classifier = widgets.cached_classifier(widgets.model_spec(settings))
         with st.spinner("Classifying…"):
             result = preview(widgets.cached_listing(settings.data), classifier, n=n, seed=int(seed))
     except UserError as error:

@@ -9,7 +9,6 @@ from pages import widgets
 from pipeline import charts, launcher, metrics, runs
 from pipeline.cluster import LOCAL
 from pipeline.errors import UserError
-from pipeline.models import parse_model
 from pipeline.runner import LOCAL_MAX_IMAGES, RunRequest
 from pipeline.runs import ENGINES, format_duration
 
@@ -29,7 +28,7 @@ except UserError as error:
     st.error(f"{error}. Check the Ray cluster address in the sidebar (or use `local`).")
 
 with st.form("launch"):
-    st.markdown(f"**{settings.model}** on `{settings.data_display}`")
+    st.markdown(f"**{settings.model_display}** on `{settings.data_display}`")
     c1, c2, c3, c4 = st.columns(4)
     batch_size = c1.number_input(
         "Batch size", min_value=1, max_value=4096, value=None, step=8, placeholder="auto", help="Empty: 64 on CPU, 512 on GPU"
@@ -81,13 +80,13 @@ with st.form("launch"):
     submitted = st.form_submit_button("Start run", type="primary", disabled=resources is None)
 
 if submitted:
-    problem = widgets.dataset_problem(settings.data) or widgets.model_problem(settings.model)
+    problem = widgets.dataset_problem(settings.data) or widgets.model_problem(settings)
     if problem:
         st.error(problem)
     else:
         request = RunRequest(
             data=settings.data,
-            model=parse_model(settings.model),
+            model=widgets.model_spec(settings),
             out=settings.out,
             batch_size=int(batch_size) if batch_size else None,
             concurrency=int(concurrency) or None,

@@ -18,12 +18,14 @@ from pipeline import local, metrics, runs
 from pipeline.cluster import LOCAL
 from pipeline.errors import UserError
 from pipeline.inference import Classifier
-from pipeline.models import DEFAULT_MODEL, ModelSpec, describe, ensure_weights, parse_model, registry
+from pipeline.models import DEFAULT_MODEL, ModelInfo, ModelSpec, describe, ensure_weights, parse_model, registry
 from pipeline.preprocess import thumbnail_jpeg
 from pipeline.sources import SAMPLE_DATA, Listing, Source, list_images, open_source, redact_uri
 
 ROOT = Path(__file__).resolve().parent.parent
-SETTINGS = ("data", "model", "address", "out")
+CHECKPOINT_SETTINGS = ("checkpoint", "labels", "arch", "preprocess")  # a user's own network, as the CLI's flags
+SETTINGS = ("data", "model", "address", "out", *CHECKPOINT_SETTINGS)
+CUSTOM_MODEL = "custom"  # the picker's entry for a user's own checkpoint
 
 
 def defaults() -> dict[str, str]:
@@ -33,6 +35,10 @@ def defaults() -> dict[str, str]:
         "model": DEFAULT_MODEL,
         "address": os.environ.get("RAY_ADDRESS", LOCAL),
         "out": os.environ.get("DASHBOARD_RUNS_DIR", str(ROOT / "runs")),
+        "checkpoint": "",
+        "labels": "",
+        "arch": "",
+        "preprocess": "",
     }
 
 
@@ -49,9 +55,17 @@ STATUS_BADGES = {
 @dataclass(frozen=True)
 class Settings:
     data: str
-    model: str
+    model: str  # a registry name, or CUSTOM_MODEL: the CHECKPOINT_SETTINGS below say which network
     address: str
     out: str
+    checkpoint: str = ""
+    labels: str = ""
+    arch: str = ""
+    preprocess: str = ""
+
+    @property
+    def model_display(self) -> str:
+        return f"custom:{Path(self.checkpoint).name or '?'}" if self.model == CUSTOM_MODEL else self.model
 
     @property
     def data_display(self) -> str:
@@ -70,18 +84,23 @@ def _init_state() -> None:
 
 @st.cache_data(show_spinner=False)
 def model_choices() -> dict[str, str]:
-    """Model name → label for the picker, with offline availability marked."""
-    return {e.name: f"{e.name}{'' if e.available_offline else '  (needs download)'}" for e in registry()}
+    """Model name → label for the picker, with offline availability marked; a user's own checkpoint last."""
+    choices = {e.name: f"{e.name}{'' if e.available_offline else '  (needs download)'}" for e in registry()}
+    return choices | {CUSTOM_MODEL: "your own checkpoint…"}
 
 
 def sidebar_settings() -> Settings:
     """The shared settings, kept in session state across pages, each validated where it is wrong."""
     _init_state()
+    for key in CHECKPOINT_SETTINGS:  # Streamlit forgets a widget's value while it is not drawn: kept while another model is picked
+        st.session_state[f"setting_{key}"] = st.session_state[f"setting_{key}"]
     with st.sidebar:
         st.subheader("Settings")
         st.text_input("Dataset", key="setting_data", help="Folder, s3://bucket/prefix or gs://bucket/prefix")
         choices = model_choices()
         st.selectbox("Model", list(choices), key="setting_model", format_func=choices.get)
+        if st.session_state["setting_model"] == CUSTOM_MODEL:
+            _checkpoint_inputs()
         st.text_input("Ray cluster", key="setting_address", help="`local`, or an address such as 10.0.0.5:6379")
         st.text_input("Output folder", key="setting_out")
         settings = current_settings()
@@ -91,10 +110,67 @@ def sidebar_settings() -> Settings:
         else:
             listing = cached_listing(settings.data)
             st.caption(f"{len(listing.files):,} images" + (f", {listing.skipped:,} other files skipped" if listing.skipped else ""))
-        for problem in (model_problem(settings.model), cluster_problem(settings.address), output_problem(settings.out)):
+        for problem in (model_problem(settings), cluster_problem(settings.address), output_problem(settings.out)):
             if problem:
                 st.error(problem)
     return settings
+
+
+def _checkpoint_inputs() -> None:
+    """Where a user's own network is and what it expects, as ``python -m pipeline run --checkpoint …`` takes them."""
+    st.text_input(
+        "Checkpoint file",
+        key="setting_checkpoint",
+        placeholder="/models/net.pt2",
+        help="A torch.export program (.pt2, exported in eval mode with a dynamic batch dimension), a TorchScript file, "
+        "or a state dict of a torchvision architecture (then choose it below)",
+    )
+    st.text_input("Labels file", key="setting_labels", placeholder="/models/labels.txt", help="The class names, one per line")
+    st.text_input("Architecture (state dicts only)", key="setting_arch", placeholder="resnet50", help="A torchvision model name")
+    st.text_input(
+        "Input",
+        key="setting_preprocess",
+        placeholder="crop=224 (ImageNet's)",
+        help="Only where it differs from ImageNet's resize 256, crop 224, mean and std, bilinear (or the architecture's "
+        "weights'): crop=299, or crop=384,resize=384,mean=0.5/0.5/0.5,std=0.5/0.5/0.5,interpolation=bicubic",
+    )
+
+
+def model_spec(settings: Settings) -> ModelSpec:
+    """The model the settings name; a checkpoint and its labels only from folders this dashboard may read."""
+    if settings.model != CUSTOM_MODEL:
+        return parse_model(settings.model)
+    if not settings.checkpoint:
+        raise UserError("Enter the path of your checkpoint file, or pick a model from the list")
+    for path in (settings.checkpoint, settings.labels):
+        if path:
+            check_allowed(path)
+    return parse_model(
+        checkpoint=settings.checkpoint,
+        labels_file=settings.labels or None,
+        arch=settings.arch or None,
+        preprocess=settings.preprocess or None,
+    )
+
+
+def _files_version(info: ModelInfo) -> tuple:
+    """What changes when a model's files do: a user who rewrites a checkpoint gets it checked and loaded anew."""
+    paths = [info.weights_path, info.spec.labels_file or ""]
+    return tuple(os.stat(path).st_mtime_ns if os.path.isfile(path) else None for path in paths)
+
+
+def model_problem(settings: Settings) -> str | None:
+    """Why the chosen model cannot classify, in one line; its weights or program are checked once per version."""
+    try:
+        info = describe(model_spec(settings))
+    except UserError as error:
+        return str(error)
+    return _loading_problem(info.spec, _files_version(info))
+
+
+@st.cache_data(show_spinner="Checking the model…", max_entries=16)
+def _loading_problem(spec: ModelSpec, version: tuple) -> str | None:
+    return _problem(lambda: ensure_weights(describe(spec)))
 
 
 def _problem(check: Callable[[], object], advice: str = "") -> str | None:
@@ -160,12 +236,12 @@ def dataset_problem(data: str) -> str | None:
     return _problem(lambda: cached_listing(data), ". Enter a folder with images, or s3://bucket/prefix.")
 
 
-def model_problem(name: str) -> str | None:
-    return _problem(lambda: ensure_weights(describe(parse_model(name))))
+def cached_classifier(spec: ModelSpec) -> Classifier:
+    return _classifier(spec, _files_version(describe(spec)))
 
 
 @st.cache_resource(show_spinner="Loading the model…", max_entries=2)
-def cached_classifier(spec: ModelSpec) -> Classifier:
+def _classifier(spec: ModelSpec, version: tuple) -> Classifier:
     return Classifier(spec)
 
 

@@ -111,7 +111,7 @@ def parse_model(
         if not Path(checkpoint).is_file():
             raise UserError(f"checkpoint file not found: {checkpoint}")
         if not labels_file or not Path(labels_file).is_file():
-            raise UserError("a custom checkpoint needs --labels FILE (one class name per line)")
+            raise UserError("a custom checkpoint needs a labels file, one class name per line (--labels FILE)")
         if arch and arch not in torchvision_classifiers():
             raise UserError(f"unknown architecture {arch!r}: use a torchvision model name such as resnet50")
         spec = ModelSpec("custom", None, str(Path(checkpoint).resolve()), arch, str(Path(labels_file).resolve()), preprocess)

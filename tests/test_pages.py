@@ -10,7 +10,7 @@ from pipeline import runs
 from pipeline.models import ModelSpec
 from pipeline.runs import Counts, Manifest, RunParams, RunWriter
 
-from .conftest import ROOT, SAMPLE
+from .conftest import ROOT, SAMPLE, small_input_program
 
 
 @pytest.fixture
@@ -94,6 +94,39 @@ def test_preview_classifies_a_sample(runs_dir):
     caption = next(c.value for c in at.caption if "images in" in c.value)
     assert caption.startswith("16 images in") and "correct" in caption
     assert sum("truth:" in c.value for c in at.caption) == 16
+
+
+def test_a_users_own_checkpoint_is_checked_in_the_sidebar_and_previews(runs_dir, tmp_path, monkeypatch):
+    checkpoint, labels = small_input_program(tmp_path, SAMPLE)  # a torch.export program of 32-px inputs
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    at = app()
+    at.sidebar.selectbox(key="setting_model").set_value("custom").run()
+    assert [e.value for e in at.sidebar.error] == ["Enter the path of your checkpoint file, or pick a model from the list"]
+    at.sidebar.text_input(key="setting_checkpoint").set_value(str(checkpoint)).run()
+    assert [e.value for e in at.sidebar.error] == ["a custom checkpoint needs a labels file, one class name per line (--labels FILE)"]
+    at.sidebar.text_input(key="setting_labels").set_value(str(labels)).run()
+    (error,) = [e.value for e in at.sidebar.error]  # tried on ImageNet's 224-px crops in the driver: refused in one line
+    assert "small-input.pt2 cannot classify a batch of 1 image(s) of 3 × 224 × 224" in error and "\n" not in error
+    at.sidebar.text_input(key="setting_preprocess").set_value("crop=32").run()
+    assert not at.sidebar.error and not at.exception
+    at.sidebar.selectbox(key="setting_model").set_value("efficientnet_lite0").run()  # the checkpoint's inputs are hidden…
+    at.sidebar.selectbox(key="setting_model").set_value("custom").run()
+    assert at.sidebar.text_input(key="setting_checkpoint").value == str(checkpoint)  # …and kept
+    assert at.sidebar.text_input(key="setting_preprocess").value == "crop=32"
+
+    at.switch_page("pages/preview.py").run()
+    assert not at.exception and not at.error
+    assert next(c.value for c in at.caption if "images in" in c.value).startswith("16 images in")
+    classes = set(labels.read_text().split())
+    shown = [m.value for m in at.markdown if " · " in m.value and "**" in m.value]
+    assert len(shown) == 16 and all(line.split("**")[1] in classes for line in shown)  # its own labels, not ImageNet's
+    at.switch_page("pages/run.py").run()
+    assert any("**custom:small-input.pt2** on" in m.value for m in at.markdown)
+
+    monkeypatch.setenv("DASHBOARD_DATA_ROOTS", str(elsewhere))  # a dashboard that may read only other folders
+    at.run()
+    assert any("outside the folders this dashboard may read" in e.value for e in at.sidebar.error)
 
 
 def test_run_page_disables_gpus_without_a_gpu_and_lists_runs(runs_dir):
