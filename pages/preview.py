@@ -61,7 +61,7 @@ for start in range(0, len(rows), COLUMNS):
                     width="stretch",
                 )
             else:
-                with st.popover("Top-5", width="stretch"):
+                with st.popover(f"Top-{len(row.topk)}", width="stretch"):
                     for label, score in row.topk:
                         st.progress(score, text=f"{label} · {score:.1%}")
             st.caption(row.relative)
