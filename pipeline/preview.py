@@ -65,8 +65,12 @@ def preview(listing: Listing, classifier: Classifier, n: int = 10, seed: int = 0
         truth = mapper(folder) if folder else None
         row = PreviewRow(source.to_uri(fs_path), relative, truth, [], None, truth_unmatched=truth is not None and truth not in known)
         try:
-            image = open_rgb(source.read(fs_path), min_side=classifier.preprocessing.resize)
+            data = source.read(fs_path)
+            resize = classifier.preprocessing.resize
+            image = open_rgb(data, min_side=resize)  # at reduced scale where a run decodes so: the same pixels, answers
             crops.append(resize_crop(image, classifier.preprocessing))
+            if resize < THUMBNAIL:  # a model of small inputs: its decode would make a blurred thumbnail
+                image = open_rgb(data, min_side=THUMBNAIL)
             image.thumbnail((THUMBNAIL, THUMBNAIL))
             row.thumbnail = image
         except Exception as error:

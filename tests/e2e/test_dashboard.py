@@ -6,6 +6,7 @@ Screenshots go to tests/e2e/screenshots/ (git-ignored) for a person to look at.
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -15,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from ..conftest import ROOT, free_port, run_cli
+from ..conftest import ROOT, SAMPLE, free_port, run_cli, small_input_program
 
 pytestmark = pytest.mark.e2e
 CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
@@ -139,6 +140,29 @@ def test_preview_shows_images_with_labels(browser, server):
     text = page.locator('[data-testid="stMain"]').inner_text()
     assert "16 images in" in text and "truth: tench" in text
     assert_no_exception(page, "preview-grid")
+    page.close()
+
+
+def test_a_users_own_checkpoint_from_the_sidebar_previews(browser, server, tmp_path):
+    checkpoint, labels = small_input_program(tmp_path, SAMPLE)  # a torch.export program of 32-px inputs
+    page = open_page(browser, f"{server}/preview")
+    page.locator('[data-testid="stSidebar"] [data-testid="stSelectbox"]').filter(has_text="Model").click()
+    page.keyboard.type("own checkpoint")  # the list is long: typing filters it
+    page.get_by_role("option", name="your own checkpoint…").click()
+    for name, value in (("Checkpoint file", checkpoint), ("Labels file", labels), ("Input", "crop=32")):
+        box = page.get_by_role("textbox", name=name)
+        box.fill(str(value))
+        box.press("Enter")
+        wait_idle(page)
+    page.get_by_role("button", name="Classify sample").click()
+    wait_idle(page)
+    assert page.locator('[data-testid="stSidebar"] [data-testid="stAlert"]').count() == 0
+    assert page.locator('[data-testid="stImage"] img').count() == 16
+    text = page.locator('[data-testid="stMain"]').inner_text()
+    assert "16 images in" in text
+    answers = re.findall(r"^(?:check_circle|cancel) (\S+) · \d+%$", text, re.MULTILINE)  # mark, label, confidence
+    assert len(answers) == 16 and set(answers) <= set(labels.read_text().split())  # its own labels: the sample's folders
+    assert_no_exception(page, "preview-own-checkpoint")
     page.close()
 
 
