@@ -14,11 +14,13 @@ import contextlib
 import ctypes
 import math
 import sys
+import tempfile
 import threading
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import AbstractContextManager
 from dataclasses import dataclass, replace
+from pathlib import Path
 from typing import NamedTuple
 
 import numpy as np
@@ -27,7 +29,7 @@ import pyarrow as pa
 from . import graphs
 from .errors import UserError
 from .local import MAX_CPU_ACTORS
-from .models import ModelInfo, ModelSpec, describe, load_module
+from .models import ModelInfo, ModelSpec, describe, landed, load_module
 from .preprocess import Preprocessing, decode, describe_error
 from .sources import Source
 
@@ -274,6 +276,19 @@ class PredictorOptions:
     # None: CUDA where this process sees a GPU (Ray gives a GPU actor its own), else the CPU. A local GPU
     # worker asks for "cuda": without one, its run fails in one line instead of crawling on one CPU thread.
     device: str | None = None
+    # A custom network's checkpoint file in Ray's object store (``ship_checkpoint``), for a cluster's nodes
+    shipped_checkpoint: object | None = None
+
+
+def ship_checkpoint(options: PredictorOptions) -> PredictorOptions:
+    """Options whose actors load a user's own checkpoint from Ray's object store: a cluster's nodes need
+    not have the driver's file (its labels travel in ``info.categories``), as the package is shipped with the job."""
+    import ray
+
+    spec = options.info.spec
+    if spec.name != "custom":
+        return options
+    return replace(options, shipped_checkpoint=ray.put(Path(spec.checkpoint or "").read_bytes()))
 
 
 class Predictor:
@@ -282,7 +297,15 @@ class Predictor:
 
     def __init__(self, options: PredictorOptions, turn: AbstractContextManager | None = None):
         self.turn = turn  # on a GPU shared with other processes: held while the GPU runs a batch (``Classifier.top_k``)
-        self.classifier = Classifier(options.info.spec, options.device, options.precision, options.threads, info=options.info)
+        info, spec, shipped = options.info, options.info.spec, options.shipped_checkpoint
+        # A shipped checkpoint is written to a folder of its own, gone once the network is loaded; the network
+        # is still known by the driver's spec and file (``info``), as its kept graph is.
+        with tempfile.TemporaryDirectory(prefix="batch-classify-model-") if shipped else contextlib.nullcontext() as folder:
+            if folder:
+                import ray
+
+                spec = landed(spec, ray.get(shipped), info.categories, Path(folder))
+            self.classifier = Classifier(spec, options.device, options.precision, options.threads, info=info)
         if self.classifier.device == "cpu":
             keep_freed_memory()
         self.topk = min(options.topk, len(self.classifier.categories))  # a user's model may know fewer classes than k

@@ -8,7 +8,8 @@ weights live) without loading weights; ``load_module`` builds the network inside
 from __future__ import annotations
 
 import os
-from dataclasses import asdict, dataclass
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from urllib.parse import urlparse
 
@@ -189,6 +190,15 @@ def _custom_preprocessing(spec: ModelSpec) -> Preprocessing:
         architecture = catalogue.architectures()[spec.arch]
         preprocessing = architecture.weights[architecture.default].preprocessing
     return preprocessing.overridden(spec.preprocess) if spec.preprocess else preprocessing
+
+
+def landed(spec: ModelSpec, checkpoint: bytes, categories: Sequence[str], folder: Path) -> ModelSpec:
+    """A custom network's spec with its checkpoint and labels written into ``folder``: on a cluster node
+    that lacks the driver's files, which the driver shipped (``inference.ship_checkpoint``)."""
+    copy, labels = folder / Path(spec.checkpoint or "").name, folder / "labels.txt"  # the file's name says its format
+    copy.write_bytes(checkpoint)
+    labels.write_text("".join(f"{name}\n" for name in categories), encoding="utf-8")
+    return replace(spec, checkpoint=str(copy), labels_file=str(labels))
 
 
 def _is_exported(spec: ModelSpec) -> bool:

@@ -23,7 +23,7 @@ import pyarrow.parquet as pq
 
 from . import cluster, local, runs
 from .errors import UserError, one_line
-from .inference import PRECISIONS, PredictorOptions, build_dataset, check_pool, plan, resolve_precision
+from .inference import PRECISIONS, PredictorOptions, build_dataset, check_pool, plan, resolve_precision, ship_checkpoint
 from .labels import LabelMapper, folder_of
 from .models import ModelInfo, ModelSpec, describe, ensure_weights
 from .runs import ENGINES, Accuracy, Counts, Manifest, RunParams, RunWriter
@@ -349,6 +349,8 @@ def execute(path: Path, on_progress: ProgressCallback | None = None, source: Sou
                 gpus = local.gpu_ids() if work.num_gpus else []
                 batches = local.predictions(todo, options, work.concurrency, work.batch_size, stop, gpus)
             else:
+                if info.address != cluster.LOCAL:  # the nodes of a cluster may not have a user's own checkpoint file
+                    options = ship_checkpoint(options)
                 batches = build_dataset(todo, options, work).iter_batches(batch_format="pyarrow", batch_size=None, prefetch_batches=1)
             for batch in batches:
                 batch = _first_sightings(batch, seen)

@@ -15,7 +15,9 @@ from pathlib import Path
 import psutil
 import pytest
 
-from .conftest import ROOT, free_port, run_cli
+from pipeline import runs
+
+from .conftest import ROOT, cli_env, free_port, run_cli, small_input_program
 
 RAY = Path(sys.executable).with_name("ray")
 CLUSTER_AUTH = {"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": secrets.token_hex(32)}
@@ -90,6 +92,48 @@ def test_run_through_an_existing_cluster(ray_head, small_folder, tmp_path):
     token = CLUSTER_AUTH["RAY_AUTH_TOKEN"]
     assert token not in result.stderr + result.stdout
     assert not [f for f in run_dir.rglob("*") if f.is_file() and token.encode() in f.read_bytes()]
+
+
+# ``python -m pipeline`` whose driver deletes the user's checkpoint and labels files once it has put them in
+# Ray's object store: from then on the cluster's workers can read them only as a node without them would.
+SHIP_THEN_DELETE = """
+import os, sys
+from pipeline import runner
+from pipeline.cli import main
+
+shipping = runner.ship_checkpoint
+
+def ship_then_delete(options):
+    shipped = shipping(options)
+    os.remove(options.info.spec.checkpoint)
+    os.remove(options.info.spec.labels_file)
+    return shipped
+
+runner.ship_checkpoint = ship_then_delete
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+def test_a_users_own_checkpoint_travels_to_the_cluster_with_the_run(ray_head, small_folder, tmp_path):
+    checkpoint, labels = small_input_program(tmp_path, small_folder)  # a torch.export program of 32-px inputs
+    classes = labels.read_text().split()
+    args = ["run", "--data", str(small_folder), "--out", str(tmp_path / "runs"), "--address", ray_head]
+    args += ["--checkpoint", str(checkpoint), "--labels", str(labels), "--preprocess", "crop=32", "--engine", "ray"]
+    result = subprocess.run(
+        [sys.executable, "-c", SHIP_THEN_DELETE, *args],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env=cli_env(CLUSTER_AUTH),
+        cwd=tmp_path,
+    )
+    assert result.returncode == 0, result.stderr
+    assert not checkpoint.exists() and not labels.exists()
+    run_dir = Path(result.stdout.strip().splitlines()[-1])
+    manifest = json.loads((run_dir / "manifest.json").read_text())
+    assert manifest["status"] == "complete" and manifest["counts"]["predicted"] == 9 and manifest["counts"]["failed"] == 0
+    assert ray_head in manifest["device"]
+    assert set(runs.read_predictions(run_dir).column("label").to_pylist()) <= set(classes)
 
 
 def test_the_cluster_command_reports_the_head_as_ray_sees_it(ray_head, tmp_path):

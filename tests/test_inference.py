@@ -27,6 +27,7 @@ from pipeline.inference import (
     cpu_micro_batch,
     plan,
     resolve_precision,
+    ship_checkpoint,
 )
 from pipeline.models import DEFAULT_MODEL, describe, parse_model
 from pipeline.preprocess import decode
@@ -176,6 +177,36 @@ def test_a_model_of_fewer_classes_than_top_k_ranks_all_of_them(tmp_path):
     for row in rows:
         assert sorted(row["topk_labels"]) == ["bird", "cat", "dog"] and row["label"] == row["topk_labels"][0]
         assert row["topk_scores"] == sorted(row["topk_scores"], reverse=True) and math.isclose(sum(row["topk_scores"]), 1, rel_tol=1e-4)
+
+
+def test_a_shipped_checkpoint_loads_where_the_drivers_files_are_not(tmp_path):
+    """A state dict of a torchvision architecture, put in Ray's object store (``ship_checkpoint``): a Predictor
+    whose node has neither the checkpoint nor its labels file answers with the labels, like one that has them."""
+    import ray
+
+    from pipeline.cluster import connect
+
+    (tmp_path / "labels.txt").write_text("cat\ndog\nbird\n")
+    torch.manual_seed(0)
+    torch.save(torchvision.models.resnet18(weights=None, num_classes=3).state_dict(), tmp_path / "three.pth")
+    info = describe(parse_model(checkpoint=str(tmp_path / "three.pth"), arch="resnet18", labels_file=str(tmp_path / "labels.txt")))
+    crops = sample_crops(4, info.preprocessing)
+    batch = {
+        "path": np.array([f"{i}.jpg" for i in range(4)], dtype=object),
+        "ground_truth": np.array(["cat"] * 4, dtype=object),
+        "image": crops,
+        "error": np.array([None] * 4, dtype=object),
+    }
+    at_home = Predictor(PredictorOptions(info, threads=1))(batch)
+    connect(None)  # a local Ray: its object store is what a cluster's would be
+    shipped = ship_checkpoint(PredictorOptions(info, threads=1))
+    assert isinstance(shipped.shipped_checkpoint, ray.ObjectRef)
+    (tmp_path / "three.pth").unlink()
+    (tmp_path / "labels.txt").unlink()
+    away = Predictor(shipped)(batch)
+    assert away.column("topk_labels").to_pylist() == at_home.column("topk_labels").to_pylist()
+    assert np.allclose(away.column("score").to_numpy(), at_home.column("score").to_numpy(), atol=1e-6)
+    assert set(away.column("label").to_pylist()) <= {"cat", "dog", "bird"}
 
 
 def test_normalised_input_is_the_per_channel_formula_in_channels_last():
