@@ -15,7 +15,7 @@ import sys
 import time
 from pathlib import Path
 
-from .errors import UserError, one_line
+from .errors import DEBUG_ENV, UserError, one_line
 from .models import DEFAULT_MODEL, describe, parse_model, registry
 from .runner import LOCAL_MAX_IMAGES
 from .runs import ENGINES, format_duration, list_runs
@@ -375,7 +375,7 @@ def main(argv: list[str] | None = None) -> int:
         print("interrupted", file=sys.stderr)
         return 130
     except Exception as error:
-        if os.environ.get("PIPELINE_DEBUG"):
+        if os.environ.get(DEBUG_ENV):
             raise
-        print(f"internal error: {type(error).__name__}: {one_line(error)} (set PIPELINE_DEBUG=1 for details)", file=sys.stderr)
+        print(f"internal error: {type(error).__name__}: {one_line(error)} (set {DEBUG_ENV}=1 for details)", file=sys.stderr)
         return 1

@@ -11,7 +11,9 @@ from contextlib import contextmanager, suppress
 from dataclasses import dataclass
 from pathlib import Path
 
-from .errors import UserError, one_line
+from .errors import DEBUG_ENV, UserError, one_line
+
+CORE_LOG_LEVEL_ENV = "RAY_BACKEND_LOG_LEVEL"
 
 LOCAL = "local"
 
@@ -47,7 +49,7 @@ def connect(address: str | None = None) -> ClusterInfo:
             _check_reachable(address)
             # Workers on a cluster do not have this checkout: ship the package with the job.
             options["runtime_env"] = {"py_modules": [str(Path(__file__).parent)], "excludes": ["sample_data/"]}
-        with _native_stderr_captured() as captured:
+        with _native_stderr_captured() as captured, _ray_quieted():
             try:
                 ray.init(address=address, **options)
             except Exception as error:
@@ -60,7 +62,7 @@ def connect(address: str | None = None) -> ClusterInfo:
     context = ray.data.DataContext.get_current()
     context.enable_progress_bars = False
     context.print_on_execution_start = False
-    logging.getLogger("ray.data").setLevel(logging.ERROR)
+    logging.getLogger("ray.data").setLevel(logging.ERROR if os.environ.get(DEBUG_ENV) else logging.CRITICAL)
     resources = ray.cluster_resources()
     node_cpus = max((float(node["Resources"].get("CPU", 0)) for node in ray.nodes() if node.get("Alive")), default=None)
     return ClusterInfo(address, float(resources.get("CPU", 0)), float(resources.get("GPU", 0)), node_cpus)
@@ -117,6 +119,25 @@ def _check_reachable(address: str, timeout_s: float = 5.0) -> None:
         socket.create_connection((host, int(port)), timeout=timeout_s).close()
     except OSError as error:
         raise UserError(f"cannot connect to the Ray cluster at {address!r}: nothing answers there ({error.strerror or error})") from error
+
+
+@contextmanager
+def _ray_quieted():
+    """Ray's own reports of what a run reports itself, in one line, kept off the driver's stderr unless
+    ``PIPELINE_DEBUG`` is set: its C++ core's errors (every Ray Data actor pool logs one that its arguments
+    are in the object store, ray-project/ray#57733), the raylet's stack traces of a task or actor that
+    failed, and Ray Data's (``connect``). The core reads its level when it starts: so does a local Ray's."""
+    if os.environ.get(DEBUG_ENV) or CORE_LOG_LEVEL_ENV in os.environ:
+        yield
+        return
+    os.environ[CORE_LOG_LEVEL_ENV] = "fatal"
+    try:
+        yield
+    finally:
+        del os.environ[CORE_LOG_LEVEL_ENV]  # not passed on to what this process starts later (the dashboard's runs)
+    worker = sys.modules.get("ray._private.worker")
+    if worker is not None and hasattr(worker, "_worker_logs_enabled"):
+        worker._worker_logs_enabled = False
 
 
 @contextmanager

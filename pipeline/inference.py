@@ -291,6 +291,16 @@ def ship_checkpoint(options: PredictorOptions) -> PredictorOptions:
     return replace(options, shipped_checkpoint=ray.put(Path(spec.checkpoint or "").read_bytes()))
 
 
+def actor_start_failure(error: BaseException) -> UserError | None:
+    """A Ray actor whose network would not load (a file or package its node lacks, a GPU without the memory)
+    as one line saying why: the last of its traceback. None for any other error."""
+    ray_exceptions = sys.modules.get("ray.exceptions")
+    if ray_exceptions is None or not isinstance(error, ray_exceptions.RayActorError) or not error.actor_init_failed:
+        return None
+    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+    return UserError(f"a model actor could not start on Ray: {lines[-1][:300] if lines else type(error).__name__}")
+
+
 class Predictor:
     """A Ray Data actor, or a local worker's model (``local``): loads the model once, then turns batches
     (uint8 crops, or paths it reads and decodes itself) into prediction rows."""

@@ -23,7 +23,16 @@ import pyarrow.parquet as pq
 
 from . import cluster, local, runs
 from .errors import UserError, one_line
-from .inference import PRECISIONS, PredictorOptions, build_dataset, check_pool, plan, resolve_precision, ship_checkpoint
+from .inference import (
+    PRECISIONS,
+    PredictorOptions,
+    actor_start_failure,
+    build_dataset,
+    check_pool,
+    plan,
+    resolve_precision,
+    ship_checkpoint,
+)
 from .labels import LabelMapper, folder_of
 from .models import ModelInfo, ModelSpec, describe, ensure_weights
 from .runs import ENGINES, Accuracy, Counts, Manifest, RunParams, RunWriter
@@ -382,8 +391,11 @@ def execute(path: Path, on_progress: ProgressCallback | None = None, source: Sou
         raise
     except Exception as error:
         _flush_quietly(writer)
-        manifest.status, manifest.reason = "failed", f"{type(error).__name__}: {one_line(error)}"
+        failure = actor_start_failure(error)
+        manifest.status, manifest.reason = "failed", str(failure) if failure else f"{type(error).__name__}: {one_line(error)}"
         _finish(path, manifest, report)
+        if failure:
+            raise failure from error
         raise
     _finish(path, manifest, report)
     return manifest
