@@ -7,8 +7,10 @@ weights live) without loading weights; ``load_module`` builds the network inside
 
 from __future__ import annotations
 
+import logging
 import os
 from collections.abc import Sequence
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from urllib.parse import urlparse
@@ -329,7 +331,9 @@ def _load_exported(path: str, device: str):
     import torch
     import torch.export.passes
 
-    program = torch.export.load(path)
+    # A file torch.export cannot read gets a stack trace in its log before the error that says so in one line
+    with _log_level("torch.export", logging.ERROR):
+        program = torch.export.load(path)
     user_inputs = set(program.graph_signature.user_inputs)
     shapes = [
         tuple(getattr(node.meta.get("val"), "shape", ()))
@@ -381,6 +385,17 @@ def _batches_between(program, smallest: int, largest: int | None):
             return self.program(torch.cat([images, padding]))[: len(images)]
 
     return BatchesBetween()
+
+
+@contextmanager
+def _log_level(name: str, level: int):
+    logger = logging.getLogger(name)
+    before = logger.level
+    logger.setLevel(level)
+    try:
+        yield
+    finally:
+        logger.setLevel(before)
 
 
 def _trains(node) -> bool:

@@ -183,3 +183,15 @@ def test_a_custom_program_of_its_own_input_size_is_refused_at_224_and_runs_with_
     manifest = json.loads((Path(ran.stdout.strip().splitlines()[-1]) / "manifest.json").read_text())
     assert manifest["status"] == "complete" and manifest["counts"]["predicted"] == 9 and manifest["counts"]["failed"] == 0
     assert manifest["model"]["preprocess"] == "crop=32"
+
+
+def test_a_checkpoint_that_is_no_program_is_one_line(small_folder, tmp_path):
+    """torch.export logs a stack trace for a file it cannot read before raising: the user sees one line."""
+    checkpoint, labels = small_input_program(tmp_path, small_folder)
+    checkpoint.write_bytes(b"not a program\n")
+    result = run_cli("run", "--data", str(small_folder), "--checkpoint", str(checkpoint), "--labels", str(labels), cwd=tmp_path)
+    assert result.returncode == 2
+    assert result.stderr.strip().splitlines() == [
+        f"error: cannot load checkpoint {checkpoint} (a .pt2 file is read as a torch.export program, any other as TorchScript): "
+        "File is not a zip file"
+    ]
