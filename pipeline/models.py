@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import os
+import warnings
 from collections.abc import Sequence
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, replace
@@ -143,7 +144,11 @@ def parse_model(
 
 
 def _read_labels(path: str) -> tuple[str, ...]:
-    labels = tuple(line.strip() for line in Path(path).read_text(encoding="utf-8").splitlines() if line.strip())
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as error:
+        raise UserError(f"cannot read labels file {path} (class names, one per line, in UTF-8): {one_line(error)}") from None
+    labels = tuple(line.strip() for line in text.splitlines() if line.strip())
     if not labels:
         raise UserError(f"labels file is empty: {path}")
     return labels
@@ -315,7 +320,11 @@ def _load_custom(spec: ModelSpec, device: str):
 
     if not spec.arch:
         checkpoint = spec.checkpoint or ""
-        return _load_exported(checkpoint, device) if _is_exported(spec) else torch.jit.load(checkpoint, map_location=device)
+        if _is_exported(spec):
+            return _load_exported(checkpoint, device)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", FutureWarning)  # torch.jit says on every load that it is deprecated
+            return torch.jit.load(checkpoint, map_location=device)
     labels = _read_labels(spec.labels_file or "")
     module = _torchvision().get_model(spec.arch, weights=None, num_classes=len(labels))
     state = torch.load(spec.checkpoint, map_location="cpu", weights_only=True)

@@ -1,5 +1,6 @@
 import subprocess
 import sys
+import warnings
 
 import numpy as np
 import pytest
@@ -242,3 +243,22 @@ def test_registry_lists_the_default_first_and_every_torchvision_classifier():
     assert entries[0].name == DEFAULT_MODEL and entries[0].available_offline
     names = {entry.name for entry in entries}
     assert {"resnet152", "resnet50", "vit_b_16", "mobilenet_v3_small"} <= names
+
+
+def test_a_labels_file_that_is_not_text_is_a_one_line_user_error(tmp_path):
+    net = torchvision.models.resnet18(weights=None, num_classes=2).eval()
+    torch.jit.save(torch.jit.trace(net, torch.rand(1, 3, 224, 224)), tmp_path / "two.pt")
+    (tmp_path / "labels.bin").write_bytes(bytes(range(128, 256)))
+    with pytest.raises(UserError, match=r"cannot read labels file .*labels.bin \(class names, one per line, in UTF-8\): 'utf-8' codec"):
+        describe(parse_model(checkpoint=str(tmp_path / "two.pt"), labels_file=str(tmp_path / "labels.bin")))
+
+
+def test_a_torchscript_checkpoint_loads_without_torchs_deprecation_notice(tmp_path):
+    """torch.jit.load warns on every call that TorchScript is deprecated: the CLI printed it before each run."""
+    (tmp_path / "labels.txt").write_text("a\nb\n")
+    torch.jit.save(torch.jit.trace(Flat().eval(), torch.rand(1, 3, 32, 32)), tmp_path / "flat.pt")
+    spec = parse_model(checkpoint=str(tmp_path / "flat.pt"), labels_file=str(tmp_path / "labels.txt"))
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        load_module(spec)
+    assert not [w for w in caught if issubclass(w.category, FutureWarning)]
