@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 import random
 from dataclasses import dataclass, field
+from datetime import timedelta
 from pathlib import Path
 from urllib.parse import unquote, urlparse
 
@@ -21,6 +22,7 @@ IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".gif", ".bmp", ".tif", "
 SAMPLE_DATA = Path(__file__).parent / "sample_data" / "imagenette"
 ENDPOINT_ENV = ("AWS_ENDPOINT_URL_S3", "AWS_ENDPOINT_URL")
 GCS_EMULATOR_ENV = "STORAGE_EMULATOR_HOST"
+GCS_RETRY_LIMIT = timedelta(seconds=20)
 
 
 def default_endpoint() -> str | None:
@@ -28,14 +30,17 @@ def default_endpoint() -> str | None:
     return next((os.environ[name] for name in ENDPOINT_ENV if os.environ.get(name)), None)
 
 
-def gcs_filesystem() -> pafs.GcsFileSystem:
-    """Google Cloud Storage with the machine's default credentials, or the emulator that
-    ``STORAGE_EMULATOR_HOST`` names (the variable Google's own clients read), anonymously."""
+def gcs_filesystem(anonymous: bool = False) -> pafs.GcsFileSystem:
+    """Google Cloud Storage with the machine's default credentials (or none: a public bucket), or the emulator
+    that ``STORAGE_EMULATOR_HOST`` names (the variable Google's own clients read), anonymously.
+
+    Transient errors are retried for GCS_RETRY_LIMIT, not the client's default 15 minutes: a machine that cannot
+    reach Google (or its metadata server, for credentials) got its one-line error after a quarter of an hour."""
     emulator = os.environ.get(GCS_EMULATOR_ENV)
     if not emulator:
-        return pafs.GcsFileSystem()
+        return pafs.GcsFileSystem(anonymous=anonymous, retry_time_limit=GCS_RETRY_LIMIT)
     url = urlparse(emulator if "://" in emulator else f"http://{emulator}")
-    return pafs.GcsFileSystem(anonymous=True, endpoint_override=url.netloc, scheme=url.scheme)
+    return pafs.GcsFileSystem(anonymous=True, endpoint_override=url.netloc, scheme=url.scheme, retry_time_limit=GCS_RETRY_LIMIT)
 
 
 @dataclass(frozen=True)
@@ -121,8 +126,13 @@ def open_source(uri: str, s3_endpoint: str | None = None) -> Source:
         root = f"{bucket}/{parsed.path.strip('/')}".rstrip("/")
         return Source(redact_uri(uri), pafs.S3FileSystem(**options), root, "s3")
     if parsed.scheme in ("gs", "gcs"):
-        root = f"{parsed.netloc}/{parsed.path.strip('/')}".rstrip("/")
-        return Source(uri, gcs_filesystem(), root, "gs")
+        user, _, bucket = parsed.netloc.rpartition("@")
+        if not bucket:
+            raise UserError(f"no bucket in {redact_uri(uri)!r}: use gs://bucket/prefix")
+        if user and user != "anonymous":
+            raise UserError("gs:// takes no keys in the URI: the machine's Google credentials are used, or gs://anonymous@bucket/…")
+        root = f"{bucket}/{parsed.path.strip('/')}".rstrip("/")
+        return Source(redact_uri(uri), gcs_filesystem(anonymous=user == "anonymous"), root, "gs")
     raise UserError(f"unsupported dataset URI scheme {parsed.scheme!r}: use a local folder, s3:// or gs://")
 
 

@@ -8,6 +8,7 @@ from pathlib import Path
 import pyarrow.fs as pafs
 import pytest
 
+from pipeline.errors import UserError
 from pipeline.sources import GCS_EMULATOR_ENV, list_images, open_source
 
 from .conftest import SAMPLE, free_port, run_cli
@@ -58,3 +59,23 @@ def test_a_run_over_gcs_matches_the_local_run(gcs, tmp_path):
 def test_a_missing_gcs_bucket_exits_2_with_one_line(gcs):
     result = run_cli("preview", "--data", "gs://no-such-bucket/x", env={GCS_EMULATOR_ENV: gcs[0]})
     assert result.returncode == 2 and len(result.stderr.strip().splitlines()) == 1, result.stderr
+
+
+def test_a_public_bucket_is_read_anonymously(gcs, monkeypatch):
+    monkeypatch.setenv(GCS_EMULATOR_ENV, gcs[0])
+    listing = list_images(open_source("gs://anonymous@images/set/"))
+    assert len(listing.files) == 9 and listing.source.uri == "gs://anonymous@images/set/"
+    assert listing.source.read(listing.files[0])[:3] == b"\xff\xd8\xff"  # a JPEG's first bytes
+
+
+def test_keys_in_a_gcs_uri_are_refused_without_echoing_them():
+    with pytest.raises(UserError) as refused:
+        open_source("gs://KEY:verysecret@images/set/")
+    assert "gs:// takes no keys in the URI" in str(refused.value) and "verysecret" not in str(refused.value)
+
+
+def test_an_unreachable_gcs_ends_in_one_line_without_the_clients_quarter_hour_of_retries(tmp_path):
+    """Nothing listens at the endpoint: each try is refused, and the client retries for GCS_RETRY_LIMIT (20 s)."""
+    result = run_cli("preview", "--data", "gs://images/set", env={GCS_EMULATOR_ENV: f"http://127.0.0.1:{free_port()}"}, timeout=120)
+    assert result.returncode == 2 and len(result.stderr.strip().splitlines()) == 1, result.stderr
+    assert result.stderr.startswith("error: cannot read gs://images/set: ")
