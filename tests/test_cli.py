@@ -195,3 +195,16 @@ def test_a_checkpoint_that_is_no_program_is_one_line(small_folder, tmp_path):
         f"error: cannot load checkpoint {checkpoint} (a .pt2 file is read as a torch.export program, any other as TorchScript): "
         "File is not a zip file"
     ]
+
+
+def test_runs_lists_every_run_as_an_aligned_table(tmp_path):
+    for rows, run_id in ((40, "20260101-000000-small"), (12_000, "20260101-000001-big")):
+        assert run_cli("synthesize", "--rows", str(rows), "--out", str(tmp_path), "--run-id", run_id).returncode == 0
+    result = run_cli("runs", "--out", str(tmp_path))
+    assert result.returncode == 0, result.stderr
+    header, *lines = result.stdout.splitlines()
+    assert header.split() == ["run", "status", "images", "top-1", "model", "folder"] and len(lines) == 2
+    assert {line.split()[0] for line in lines} == {"20260101-000000-small", "20260101-000001-big"}
+    assert any("12,000/12,000" in line for line in lines)
+    end = header.index("images") + len("images")  # numbers end under their heading
+    assert all(line[end - len(line.split()[2]) : end] == line.split()[2] for line in lines)
