@@ -18,7 +18,7 @@ seed = middle.number_input("Seed", min_value=0, value=0, step=1)
 go = right.button("Classify sample", type="primary", width="stretch")
 show_topk = st.toggle("Show top-5 for every image", value=False)
 
-key = (settings, n, int(seed))
+key = (settings.data, settings.model_choice, n, int(seed))
 if go or st.session_state.get("preview_key") != key:
     problem = widgets.dataset_problem(settings.data) or widgets.model_problem(settings)
     if problem:

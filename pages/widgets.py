@@ -64,6 +64,11 @@ class Settings:
     preprocess: str = ""
 
     @property
+    def model_choice(self) -> tuple[str, ...]:
+        """Everything that says which model: the name, and a user's own checkpoint's settings."""
+        return (self.model, self.checkpoint, self.labels, self.arch, self.preprocess)
+
+    @property
     def model_display(self) -> str:
         return f"custom:{Path(self.checkpoint).name or '?'}" if self.model == CUSTOM_MODEL else self.model
 

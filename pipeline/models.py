@@ -202,7 +202,8 @@ def _custom_preprocessing(spec: ModelSpec) -> Preprocessing:
 def landed(spec: ModelSpec, checkpoint: bytes, categories: Sequence[str], folder: Path) -> ModelSpec:
     """A custom network's spec with its checkpoint and labels written into ``folder``: on a cluster node
     that lacks the driver's files, which the driver shipped (``inference.ship_checkpoint``)."""
-    copy, labels = folder / Path(spec.checkpoint or "").name, folder / "labels.txt"  # the file's name says its format
+    copy, labels = folder / "checkpoint" / Path(spec.checkpoint or "").name, folder / "labels.txt"  # its name says its format
+    copy.parent.mkdir()
     copy.write_bytes(checkpoint)
     labels.write_text("".join(f"{name}\n" for name in categories), encoding="utf-8")
     return replace(spec, checkpoint=str(copy), labels_file=str(labels))

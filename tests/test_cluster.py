@@ -47,7 +47,7 @@ def ray_head_process():
     address = f"127.0.0.1:{port}"
     try:
         deadline = time.monotonic() + 60
-        while subprocess.run([str(RAY), "status", f"--address={address}"], capture_output=True, env=env).returncode != 0:
+        while not head_is_up(address, env):
             if time.monotonic() > deadline:
                 pytest.fail("ray head did not come up in 60 s")
             time.sleep(1)
@@ -55,6 +55,12 @@ def ray_head_process():
     finally:
         stop_group(head)
         shutil.rmtree(temp_dir, ignore_errors=True)
+
+
+def head_is_up(address: str, env: dict) -> bool:
+    """`ray status` answers, and the head's raylet has started too: the GCS answers before it does."""
+    status = subprocess.run([str(RAY), "status", f"--address={address}"], capture_output=True, env=env)
+    return status.returncode == 0 and len(head_servers(address)) == 2
 
 
 def stop_group(process: subprocess.Popen) -> None:
