@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import os
+import pickle
 import warnings
 from collections.abc import Sequence
 from contextlib import contextmanager
@@ -328,7 +329,13 @@ def _load_custom(spec: ModelSpec, device: str):
             return torch.jit.load(checkpoint, map_location=device)
     labels = _read_labels(spec.labels_file or "")
     module = _torchvision().get_model(spec.arch, weights=None, num_classes=len(labels))
-    state = torch.load(spec.checkpoint, map_location="cpu", weights_only=True)
+    try:
+        state = torch.load(spec.checkpoint, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError:  # torch's message is a page about weights_only; the file holds more than tensors
+        raise UserError(
+            f"checkpoint {spec.checkpoint} is not a state dict (tensors only, as torch.save(model.state_dict()) writes): "
+            "save the state dict, or export the whole network (.pt2, torch.export) and drop --arch"
+        ) from None
     if isinstance(state, dict) and "state_dict" in state:
         state = state["state_dict"]
     module.load_state_dict(state)

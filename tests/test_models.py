@@ -204,6 +204,7 @@ def test_custom_checkpoints_that_do_not_fit_are_one_line_user_errors(tmp_path):
     labels.write_text("a\nb\n")
     net = torchvision.models.resnet18(weights=None, num_classes=3).eval()
     torch.save(net.state_dict(), tmp_path / "state.pth")
+    torch.save(net, tmp_path / "whole.pth")  # the whole module pickled, not its state dict
     torch.jit.save(torch.jit.trace(net, torch.rand(1, 3, 224, 224)), tmp_path / "three.pt")
     torch.jit.save(torch.jit.trace(Flat().eval(), torch.rand(1, 3, 32, 32)), tmp_path / "small.pt")
     export_program(net, tmp_path / "one-image.pt2", batch=1)
@@ -211,6 +212,7 @@ def test_custom_checkpoints_that_do_not_fit_are_one_line_user_errors(tmp_path):
     torch.jit.save(torch.jit.trace(net, torch.rand(1, 3, 224, 224)), tmp_path / "named-wrong.pt2")
     cases = {
         ("state.pth", "resnet18"): "cannot load checkpoint",  # 3 classes in the weights, 2 labels
+        ("whole.pth", "resnet18"): r"whole.pth is not a state dict \(tensors only, as torch.save\(model.state_dict\(\)\) writes\)",
         ("three.pt", None): r"gives \(1, 3\) for 1 image\(s\), where its 2 labels \(.*labels.txt\) need \(1, 2\)",
         ("small.pt", None): r"cannot classify a batch of 1 image\(s\) of 3 × 224 × 224",
         ("one-image.pt2", None): r"one-image.pt2 was exported for batches of exactly 1 image\(s\): export it with a dynamic",
