@@ -134,7 +134,7 @@ def _ray_quieted():
     try:
         yield
     finally:
-        del os.environ[CORE_LOG_LEVEL_ENV]  # not passed on to what this process starts later (the dashboard's runs)
+        os.environ.pop(CORE_LOG_LEVEL_ENV, None)  # not passed on to what this process starts later (the dashboard's runs)
     worker = sys.modules.get("ray._private.worker")
     if worker is not None and hasattr(worker, "_worker_logs_enabled"):
         worker._worker_logs_enabled = False
