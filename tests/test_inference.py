@@ -40,6 +40,17 @@ def sample_crops(n: int, prep) -> np.ndarray:
     return np.stack([decode(f.read_bytes(), prep) for f in files])
 
 
+def decoded_batch(crops: np.ndarray, truth: str) -> dict[str, np.ndarray]:
+    """A batch as decode tasks hand it to a Predictor: crops that all decoded, each with the same ground truth."""
+    n = len(crops)
+    return {
+        "path": np.array([f"{i}.jpg" for i in range(n)], dtype=object),
+        "ground_truth": np.array([truth] * n, dtype=object),
+        "image": crops,
+        "error": np.array([None] * n, dtype=object),
+    }
+
+
 @pytest.mark.parametrize("cpus", [1, 2, 3, 4, 16])
 def test_cpu_actors_decode_their_own_images_within_the_cluster_cpus(cpus):
     for concurrency in range(1, cpus + 1):
@@ -165,13 +176,7 @@ def test_a_model_of_fewer_classes_than_top_k_ranks_all_of_them(tmp_path):
     net = torchvision.models.resnet18(weights=None, num_classes=3).eval()
     torch.jit.save(torch.jit.trace(net, torch.rand(1, 3, 224, 224)), tmp_path / "three.pt")
     info = describe(parse_model(checkpoint=str(tmp_path / "three.pt"), labels_file=str(tmp_path / "labels.txt")))
-    crops = sample_crops(5, info.preprocessing)
-    batch = {
-        "path": np.array([f"{i}.jpg" for i in range(5)], dtype=object),
-        "ground_truth": np.array(["cat"] * 5, dtype=object),
-        "image": crops,
-        "error": np.array([None] * 5, dtype=object),
-    }
+    batch = decoded_batch(sample_crops(5, info.preprocessing), "cat")
     rows = Predictor(PredictorOptions(info, topk=5, threads=1))(batch).to_pylist()
     assert len(rows) == 5 and all(row["error"] is None for row in rows)
     for row in rows:
@@ -190,13 +195,7 @@ def test_a_shipped_checkpoint_loads_where_the_drivers_files_are_not(tmp_path):
     torch.manual_seed(0)
     torch.save(torchvision.models.resnet18(weights=None, num_classes=3).state_dict(), tmp_path / "three.pth")
     info = describe(parse_model(checkpoint=str(tmp_path / "three.pth"), arch="resnet18", labels_file=str(tmp_path / "labels.txt")))
-    crops = sample_crops(4, info.preprocessing)
-    batch = {
-        "path": np.array([f"{i}.jpg" for i in range(4)], dtype=object),
-        "ground_truth": np.array(["cat"] * 4, dtype=object),
-        "image": crops,
-        "error": np.array([None] * 4, dtype=object),
-    }
+    batch = decoded_batch(sample_crops(4, info.preprocessing), "cat")
     at_home = Predictor(PredictorOptions(info, threads=1))(batch)
     connect(None)  # a local Ray: its object store is what a cluster's would be
     shipped = ship_checkpoint(PredictorOptions(info, threads=1))
