@@ -9,7 +9,7 @@ from pages import widgets
 from pipeline import charts, launcher, metrics, runs
 from pipeline.cluster import LOCAL
 from pipeline.errors import UserError
-from pipeline.runner import LOCAL_MAX_IMAGES, RunRequest
+from pipeline.runner import LOCAL_MAX_IMAGES, MAX_TOPK, RunRequest
 from pipeline.runs import ENGINES, format_duration
 
 ENGINE_LABELS = {
@@ -69,7 +69,7 @@ with st.form("launch"):
     topk = c6.number_input(
         "Top-k kept",
         min_value=1,
-        max_value=20,
+        max_value=MAX_TOPK,
         value=5,
         help="Classes stored per image, best first; top-k accuracy counts a hit among them",
     )

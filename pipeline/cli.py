@@ -17,7 +17,7 @@ from pathlib import Path
 
 from .errors import DEBUG_ENV, UserError, one_line
 from .models import DEFAULT_MODEL, describe, parse_model, registry
-from .runner import LOCAL_MAX_IMAGES
+from .runner import LOCAL_MAX_IMAGES, MAX_TOPK
 from .runs import ENGINES, format_duration, list_runs
 from .sources import SAMPLE_DATA, list_images, open_source
 
@@ -121,7 +121,10 @@ def build_parser() -> Parser:
     )
     run.add_argument("--engine", choices=ENGINES, default="auto", help=ENGINE_HELP)
     run.add_argument(
-        "--topk", type=positive_int, default=5, help="classes kept per image, best first, 1-20 (default 5); top-k accuracy counts them"
+        "--topk",
+        type=positive_int,
+        default=5,
+        help=f"classes kept per image, best first, 1-{MAX_TOPK} (default 5); top-k accuracy counts them",
     )
     run.add_argument("--run-id", default=None, help=argparse.SUPPRESS)
 

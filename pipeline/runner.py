@@ -45,6 +45,7 @@ MAX_LABEL_SET = 100  # classes whose scores every row stores for label-set-restr
 # 9.7 s, where 20,000 images then take ~4 s. Bigger runs take the path a cluster's run takes, Ray Data,
 # whose start is then under ~8 % of the run even for the fastest model here on CPUs.
 LOCAL_MAX_IMAGES = 20_000
+MAX_TOPK = 20  # classes a run may keep per image
 
 
 @dataclass
@@ -95,8 +96,8 @@ def validate(request: RunRequest) -> None:
         raise UserError(f"limit must be a positive integer, got {request.limit}")
     if request.precision not in PRECISIONS:
         raise UserError(f"precision must be one of {', '.join(PRECISIONS)}")
-    if not 1 <= request.topk <= 20:
-        raise UserError("top-k must be between 1 and 20")
+    if not 1 <= request.topk <= MAX_TOPK:
+        raise UserError(f"top-k must be between 1 and {MAX_TOPK}")
     check_engine(request.engine, request.address, request.num_gpus)
 
 
