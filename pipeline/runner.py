@@ -385,17 +385,13 @@ def execute(path: Path, on_progress: ProgressCallback | None = None, source: Sou
     except KeyboardInterrupt:
         writer.flush()
         manifest.status, manifest.reason = "cancelled", "interrupted from the keyboard"
-    except UserError as error:
-        _flush_quietly(writer)
-        manifest.status, manifest.reason = "failed", str(error)
-        _finish(path, manifest, report)
-        raise
     except Exception as error:
         _flush_quietly(writer)
-        failure = actor_start_failure(error)
+        # A user's error, or a model actor that could not start, says why in one line; anything else is a bug
+        failure = error if isinstance(error, UserError) else actor_start_failure(error)
         manifest.status, manifest.reason = "failed", str(failure) if failure else f"{type(error).__name__}: {one_line(error)}"
         _finish(path, manifest, report)
-        if failure:
+        if failure is not None and failure is not error:
             raise failure from error
         raise
     _finish(path, manifest, report)
