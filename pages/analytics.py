@@ -12,6 +12,7 @@ from pipeline import charts, metrics, report, runs
 from pipeline.errors import UserError
 
 GALLERY = 12
+NO_TRUTH = "These images have no ground truth (no class folders)."
 OUTCOMES = ["All", "Correct", "Wrong", "No ground truth"]
 EXPORTS = (("CSV", "csv", "text/csv"), ("Parquet", "parquet", "application/vnd.apache.parquet"))
 PROGRESS = {
@@ -176,11 +177,17 @@ def body() -> None:
             )
             st.caption("Click a column header to sort. Precision counts every labelled image predicted as the class.")
         else:
-            st.caption("These images have no ground truth (no class folders).")
+            st.caption(NO_TRUTH)
     with tabs["Confusion"]:
-        confusion_tab(view, manifest) if labelled else st.caption("No ground truth to compare with.")
+        if labelled:
+            confusion_tab(view, manifest)
+        else:
+            st.caption(NO_TRUTH)
     with tabs["Calibration"]:
-        calibration_tab(view) if labelled else st.caption("No ground truth to compare with.")
+        if labelled:
+            calibration_tab(view)
+        else:
+            st.caption(NO_TRUTH)
     with tabs["Examples"]:
         if labelled:
             st.subheader("Misclassified, most confident first")

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import ast
+
 import pyarrow as pa
 import pytest
 from streamlit.testing.v1 import AppTest
@@ -287,3 +289,34 @@ def test_live_predictions_read_only_new_parts_and_start_over_when_a_part_changes
     assert len(grown) == 40 and grown.paths.equals(load(path).paths)
     runs.atomic_write_table(runs.prediction_parts(path)[0], runs.read_predictions(path).slice(0, 5))  # the folder was replaced
     assert len(live.current()) == 15
+
+
+def magic_written_lines(source: str) -> list[int]:
+    """Lines Streamlit's "magic" would pass to ``st.write``: a bare expression that is not a call, a docstring,
+    a yield or an await (``f() if x else g()`` is one: its ``None`` is drawn on the page)."""
+    tree = ast.parse(source)
+    docstrings = {
+        id(node.body[0])
+        for node in ast.walk(tree)
+        if isinstance(node, (ast.Module, ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef))
+        and node.body
+        and isinstance(node.body[0], ast.Expr)
+        and isinstance(node.body[0].value, ast.Constant)
+        and isinstance(node.body[0].value.value, str)
+    }
+    quiet = (ast.Call, ast.Yield, ast.YieldFrom, ast.Await)
+    return [
+        node.lineno
+        for node in ast.walk(tree)
+        if isinstance(node, ast.Expr) and id(node) not in docstrings and not isinstance(node.value, quiet)
+    ]
+
+
+def test_magic_guard_sees_a_conditional_expression():
+    assert magic_written_lines('"""doc"""\nf()\nf() if x else g()\nx\n') == [3, 4]
+
+
+@pytest.mark.parametrize("script", ["app.py", *(p.name for p in (ROOT / "pages").glob("*.py"))])
+def test_no_page_draws_a_stray_value(script):
+    path = ROOT / script if script == "app.py" else ROOT / "pages" / script
+    assert magic_written_lines(path.read_text()) == []
