@@ -6,6 +6,7 @@ from pages import widgets
 from pipeline import charts, metrics
 
 GALLERY = 12
+PAIRS = 15  # label pairs listed where disagreements are too spread for a matrix
 settings = widgets.current_settings()
 st.title("Compare runs")
 st.caption("Two runs over the same images (two models, or two settings): rows are matched by image path.")
@@ -35,6 +36,55 @@ def _caption(row) -> str:
     return f"A **{row.label_a}** · {row.score_a:.0%}  \nB **{row.label_b}** · {row.score_b:.0%}{truth}"
 
 
+def _top1_delta(top1_a: float | None, top1_b: float | None) -> dict:
+    """B's change in points; no arrow or colour where it rounds to nothing."""
+    if top1_a is None or top1_b is None:
+        return {}
+    change = round((top1_b - top1_a) * 100, 1)
+    if not change:
+        return {"delta": "±0.0 pts", "delta_color": "off", "delta_arrow": "off"}
+    return {"delta": f"{change:+.1f} pts"}
+
+
+def _where_they_disagree() -> None:
+    """A's label × B's as a matrix where its classes hold most disagreements; a ranked list of pairs where they
+    are spread thin (a matrix of a few 1s among hundreds of classes says little)."""
+    matrix = comparison.disagreement()
+    title = f"Where they disagree ({differ:,} images): A's label vs B's"
+    if matrix.to_numpy().sum() >= differ / 2:
+        st.plotly_chart(charts.heatmap(matrix, title, "B predicts", "A predicts"), width="stretch")
+        return
+    st.markdown(f"**{title}**")
+    pairs = comparison.disagreement_pairs(PAIRS)
+    st.dataframe(
+        pairs,
+        hide_index=True,
+        width="stretch",
+        column_config={
+            "label_a": "A predicts",
+            "label_b": "B predicts",
+            "count": st.column_config.ProgressColumn("images", format="%d", min_value=0, max_value=int(pairs["count"].max())),
+        },
+    )
+    st.caption(f"The {len(pairs)} most frequent of {differ:,} disagreements, spread over many classes.")
+
+
+def _per_class_table() -> None:
+    st.subheader("Per-class accuracy")
+    recall = comparison.per_class_delta()
+    recall[["A", "B", "delta"]] *= 100  # one decimal everywhere, where "percent" drops trailing zeros
+    st.dataframe(
+        recall,
+        hide_index=True,
+        width="stretch",
+        column_config={
+            "A": st.column_config.NumberColumn("recall A", format="%.1f%%"),
+            "B": st.column_config.NumberColumn("recall B", format="%.1f%%"),
+            "delta": st.column_config.NumberColumn("B − A", format="%+.1f pts"),
+        },
+    )
+
+
 a = widgets.load_predictions(path_a, manifest_a)
 b = widgets.load_predictions(path_b, manifest_b)
 comparison = cached_comparison(a, b, (str(path_a), widgets.run_version(path_a), str(path_b), widgets.run_version(path_b)))
@@ -48,37 +98,29 @@ k = st.columns(5)
 k[0].metric("Images in common", f"{comparison.common:,}")
 k[1].metric("Agreement", widgets.percent(comparison.agreement()), help="Share of common images given the same top-1 label.")
 k[2].metric("Top-1 A", widgets.percent(summary_a.top1))
-k[3].metric(
-    "Top-1 B",
-    widgets.percent(summary_b.top1),
-    delta=None if summary_a.top1 is None else f"{(summary_b.top1 - summary_a.top1) * 100:+.1f} pts",
-)
+k[3].metric("Top-1 B", widgets.percent(summary_b.top1), **_top1_delta(summary_a.top1, summary_b.top1))
 k[4].metric("Label shift", widgets.percent(distance), help="Total variation distance between the two predicted-label distributions.")
 if comparison.only_a or comparison.only_b:
     st.caption(f"Not compared: {comparison.only_a:,} images only in A, {comparison.only_b:,} only in B.")
 
-labelled = summary_a.labelled > 0
-left, right = st.columns(2)
-if labelled:
-    left.plotly_chart(charts.outcomes(comparison.outcomes()), width="stretch")
-right.plotly_chart(
-    charts.heatmap(comparison.disagreement(), "Where they disagree: A's label vs B's", "B predicts", "A predicts"), width="stretch"
-)
-left, right = st.columns(2)
-right.plotly_chart(charts.shares(table, "Predicted-label shares, largest changes (drift)"), width="stretch")
-if labelled:
-    with left:
-        st.subheader("Per-class accuracy")
-        st.dataframe(
-            comparison.per_class_delta(),
-            hide_index=True,
-            width="stretch",
-            column_config={
-                "A": st.column_config.NumberColumn("recall A", format="percent"),
-                "B": st.column_config.NumberColumn("recall B", format="percent"),
-                "delta": st.column_config.NumberColumn("B − A", format="percent"),
-            },
-        )
+differ = comparison.common - int(comparison.agree.sum())
+if not differ:
+    st.success(f"Both runs give each of the {comparison.common:,} images in common the same top-1 label.")
+panels = []
+if summary_a.labelled:
+    panels.append(lambda: st.plotly_chart(charts.outcomes(comparison.outcomes()), width="stretch"))
+if differ:
+    panels.append(_where_they_disagree)
+if summary_a.labelled:
+    panels.append(_per_class_table)
+if differ:
+    panels.append(lambda: st.plotly_chart(charts.share_changes(table, "Largest changes in predicted-label share (drift)"), width="stretch"))
+for row in range(0, len(panels), 2):
+    for column, draw in zip(st.columns(2), panels[row : row + 2], strict=False):
+        with column:
+            draw()
+if not differ:
+    st.stop()
 
 st.subheader("Images where they disagree (both most sure first)")
 widgets.gallery(comparison.disagreements(GALLERY), manifest_a, _caption)

@@ -37,7 +37,8 @@ def confidence_histogram(histogram: pd.DataFrame, height: int = 480) -> go.Figur
 
 
 def heatmap(matrix: pd.DataFrame, title: str, x_title: str, y_title: str, height: int = 560) -> go.Figure:
-    """Counts as a heatmap, numbers in the cells while they stay legible."""
+    """Counts as a heatmap, numbers in the cells while they stay legible; empty cells stay blank so the
+    counts that matter stand out."""
     figure = go.Figure(
         go.Heatmap(
             z=matrix.values,
@@ -45,7 +46,8 @@ def heatmap(matrix: pd.DataFrame, title: str, x_title: str, y_title: str, height
             y=list(matrix.index),
             colorscale="Blues",
             hovertemplate=f"{y_title} %{{y}}<br>{x_title} %{{x}}<br>%{{z:,}}<extra></extra>",
-            texttemplate="%{z:,}" if matrix.size <= 400 else None,
+            text=matrix.map(lambda count: f"{count:,}" if count else "").values if matrix.size <= 400 else None,
+            texttemplate="%{text}" if matrix.size <= 400 else None,
             showscale=False,
         )
     )
@@ -97,18 +99,34 @@ def coverage(curve: pd.DataFrame, height: int = 480) -> go.Figure:
     )
 
 
-def shares(table: pd.DataFrame, title: str, height: int = 480) -> go.Figure:
-    """Share of each label in run A and run B, side by side."""
+def share_changes(table: pd.DataFrame, title: str, height: int = 480) -> go.Figure:
+    """How much each label's share of predictions moved from run A to run B, in points, largest on top."""
     order = list(table["label"])[::-1]
-    figure = go.Figure()
-    figure.add_bar(y=table["label"], x=table["A"], name="A", orientation="h", marker_color=TRUTH_COLOUR)
-    figure.add_bar(y=table["label"], x=table["B"], name="B", orientation="h", marker_color=PREDICTED_COLOUR)
+    points = table["change"] * 100
+    reach = 1.3 * max(points.abs().max(), 1e-9)
+    figure = go.Figure(
+        go.Bar(
+            y=table["label"],
+            x=points,
+            orientation="h",
+            marker_color=[PREDICTED_COLOUR if change > 0 else TRUTH_COLOUR for change in points],
+            text=[f"{change:+.2f}" for change in points],
+            textposition="outside",
+            cliponaxis=False,
+            customdata=table[["A", "B"]].to_numpy(),
+            hovertemplate="%{y}<br>A %{customdata[0]:.2%} → B %{customdata[1]:.2%}<br>%{x:+.2f} pts<extra></extra>",
+        )
+    )
     return _layout(
         figure,
         title,
         height,
-        barmode="group",
-        xaxis={"title": "share of predictions", "tickformat": ".1%"},
+        xaxis={
+            "title": "change in share of predictions, B − A (points)",
+            "range": [-reach, reach],  # symmetric, with room for the numbers beyond the longest bar
+            "zeroline": True,
+            "zerolinecolor": "#37474f",
+        },
         yaxis={"categoryorder": "array", "categoryarray": order},
     )
 

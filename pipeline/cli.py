@@ -11,6 +11,7 @@ import argparse
 import dataclasses
 import json
 import os
+import signal
 import sys
 import time
 from pathlib import Path
@@ -325,6 +326,9 @@ def cmd_report(args) -> int:
     return 0
 
 
+COMPARE_LINES = 10  # rows of each ranking `compare` prints
+
+
 def cmd_compare(args) -> int:
     from . import metrics
     from .runs import read_manifest
@@ -336,14 +340,33 @@ def cmd_compare(args) -> int:
     comparison = metrics.compare(*loaded)
     if not comparison.common:
         raise UserError("the two runs have no image in common")
-    _, distance = comparison.drift()
+    shares, distance = comparison.drift(top_n=COMPARE_LINES)
+    differ = comparison.common - int(comparison.agree.sum())
     print(f"images in common: {comparison.common:,} (only in A: {comparison.only_a:,}, only in B: {comparison.only_b:,})")
-    print(f"agreement: {comparison.agreement():.2%}; label distribution shift (total variation): {distance:.2%}")
-    for name, side in (("A", comparison.a), ("B", comparison.b)):
-        summary = metrics.summary(side)
-        if summary.top1 is not None:
-            print(f"top-1 {name}: {summary.top1:.2%}")
+    print(f"agreement: {comparison.agreement():.2%} ({differ:,} labelled differently)")
+    print(f"label distribution shift (total variation): {distance:.2%}")
+    top1 = [metrics.summary(side).top1 for side in (comparison.a, comparison.b)]
+    if None not in top1:
+        print(f"top-1 A: {top1[0]:.2%}\ntop-1 B: {top1[1]:.2%} ({(top1[1] - top1[0]) * 100:+.2f} pts)")
+    if differ:
+        print("most frequent disagreements, A's label → B's:")
+        for pair in comparison.disagreement_pairs(COMPARE_LINES).itertuples():
+            print(f"{pair.count:>7,}  {pair.label_a} → {pair.label_b}")
+        _print_changes("largest changes in predicted-label share, A → B:", shares["label"], shares["A"], shares["B"])
+    if None not in top1:
+        recall = comparison.per_class_delta()
+        recall = recall[recall["delta"] != 0].head(COMPARE_LINES)
+        _print_changes("largest changes in per-class recall, A → B:", recall["class"], recall["A"], recall["B"])
     return 0
+
+
+def _print_changes(heading: str, names, before, after) -> None:
+    """One aligned line per name: its share in A, in B, and the change in points."""
+    if len(names):
+        print(heading)
+        width = max(map(len, names))
+        for name, a, b in zip(names, before, after, strict=True):
+            print(f"  {name:<{width}}  {a:7.2%} → {b:7.2%}  ({(b - a) * 100:+.2f} pts)")
 
 
 def cmd_synthesize(args) -> int:
@@ -383,6 +406,9 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
+    except BrokenPipeError:  # `… | head`: the reader has what it wanted; Python's exit flush must not fail again
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 128 + signal.SIGPIPE
     except Exception as error:
         if os.environ.get(DEBUG_ENV):
             raise

@@ -389,6 +389,18 @@ class Comparison:
         names = list(self.a.classes[shown])
         return pd.DataFrame(counts[np.ix_(shown, shown)], index=names, columns=names)
 
+    def disagreement_pairs(self, top_n: int = 10) -> pd.DataFrame:
+        """The most frequent (A's label, B's label) pairs where the runs differ: readable where the matrix is sparse."""
+        differ = ~self.agree
+        pairs = pd.DataFrame({"label_a": self.a.label[differ], "label_b": self.b.label[differ]})
+        counts = pairs.value_counts(sort=False).reset_index(name="count")
+        for column in ("label_a", "label_b"):
+            counts[column] = self.a.classes[counts[column].to_numpy()]
+        counts = counts.sort_values(
+            ["count", "label_a", "label_b"], ascending=[False, True, True], key=lambda c: c if c.name == "count" else c.str.casefold()
+        )
+        return counts.head(top_n).reset_index(drop=True)
+
     def per_class_delta(self) -> pd.DataFrame:
         """Recall of each true class in A and in B, and B − A, largest changes first."""
         a, b = per_class(self.a).set_index("class"), per_class(self.b).set_index("class")
@@ -397,13 +409,13 @@ class Comparison:
         return table.reset_index().sort_values("delta", key=np.abs, ascending=False, kind="stable")
 
     def drift(self, top_n: int = 20) -> tuple[pd.DataFrame, float]:
-        """Share of each predicted label in A and B (top ``top_n`` by change) and the total variation distance."""
+        """Share of each predicted label in A and B (the ``top_n`` that changed most) and the total variation distance."""
         size = len(self.a.classes)
         share_a = _counts(self.a.label, size) / max(1, self.common)
         share_b = _counts(self.b.label, size) / max(1, self.common)
         change = share_b - share_a
         order = np.argsort(-np.abs(change), kind="stable")
-        order = order[(share_a + share_b)[order] > 0][:top_n]
+        order = order[change[order] != 0][:top_n]
         table = pd.DataFrame({"label": self.a.classes[order], "A": share_a[order], "B": share_b[order], "change": change[order]})
         return table, float(np.abs(change).sum() / 2)
 

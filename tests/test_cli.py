@@ -10,6 +10,8 @@ from pathlib import Path
 import psutil
 import pytest
 
+from pipeline import metrics
+
 from .conftest import ROOT, add_kittens, cli_env, run_cli, small_input_program
 
 
@@ -125,6 +127,24 @@ def test_synthesize_report_and_compare(tmp_path):
     compared = run_cli("compare", str(a), str(b))
     assert compared.returncode == 0, compared.stderr
     assert "images in common: 3,000" in compared.stdout and "agreement:" in compared.stdout
+    comparison = metrics.compare(metrics.load(a), metrics.load(b))
+    first = comparison.disagreement_pairs(1).iloc[0]
+    lines = compared.stdout.splitlines()
+    after = lines.index("most frequent disagreements, A's label → B's:") + 1
+    assert lines[after].split() == [f"{first['count']:,}", *first["label_a"].split(), "→", *first["label_b"].split()]
+    assert "largest changes in per-class recall, A → B:" in lines
+    itself = run_cli("compare", str(a), str(a))
+    assert itself.returncode == 0 and "(0 labelled differently)" in itself.stdout and "disagreements" not in itself.stdout
+
+
+def test_output_cut_short_by_its_reader_ends_quietly():
+    """`python -m pipeline models | head -1`: the pipe closes before the listing is written."""
+    process = subprocess.Popen(
+        [sys.executable, "-m", "pipeline", "models"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=cli_env(), cwd=ROOT
+    )
+    process.stdout.close()
+    stderr = process.communicate(timeout=120)[1]
+    assert process.returncode == 141 and stderr == b"", stderr
 
 
 @pytest.mark.parametrize(

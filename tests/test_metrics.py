@@ -202,9 +202,19 @@ def test_compare_matches_rows_by_path(tmp_path):
     shown = comparison.disagreements(10)
     assert set(shown["path"]) == {"y", "z"}
     assert dict(zip(shown["path"], shown["label_b"], strict=True)) == {"y": "dog", "z": "fox"}
+    assert comparison.disagreement_pairs().values.tolist() == [["cat", "dog", 1], ["dog", "fox", 1]]
     table, distance = comparison.drift()
     assert distance == pytest.approx(1 / 3)  # cat 2/3 → 1/3, dog 1/3 → 1/3, fox 0 → 1/3
     assert table.set_index("label").loc["fox", "B"] == pytest.approx(1 / 3)
+
+
+def test_disagreement_pairs_most_frequent_first(tmp_path):
+    labels_a = ["cat", "cat", "cat", "dog", "dog", "owl", "owl"]
+    labels_b = ["dog", "dog", "cat", "owl", "cat", "cat", "owl"]
+    a = write_run(tmp_path / "a", [row(str(i), None, label, 0.5) for i, label in enumerate(labels_a)])
+    b = write_run(tmp_path / "b", [row(str(i), None, label, 0.5) for i, label in enumerate(labels_b)])
+    pairs = metrics.compare(a, b).disagreement_pairs(top_n=3)
+    assert pairs.values.tolist() == [["cat", "dog", 2], ["dog", "cat", 1], ["dog", "owl", 1]]
 
 
 def test_cluster_order_puts_confused_classes_together():

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import ast
+import json
 
 import pyarrow as pa
 import pytest
@@ -11,6 +12,7 @@ from streamlit.testing.v1 import AppTest
 from pipeline import runs
 from pipeline.models import ModelSpec
 from pipeline.runs import Counts, Manifest, RunParams, RunWriter
+from pipeline.synthetic import write_synthetic_run
 
 from .conftest import ROOT, SAMPLE, small_input_program
 
@@ -248,6 +250,35 @@ def test_compare_page_matches_two_runs(runs_dir):
     differ = sum((i % 3 == 0) != (i % 5 == 0) for i in range(30))
     assert shown["Agreement"] == f"{1 - differ / 30:.1%}"
     assert {shown["Top-1 A"], shown["Top-1 B"]} == {f"{20 / 30:.1%}", f"{24 / 30:.1%}"}
+    delta = next(m.delta for m in at.metric if m.label == "Top-1 B")
+    assert delta in {f"{(24 - 20) / 30 * 100:+.1f} pts", f"{(20 - 24) / 30 * 100:+.1f} pts"}
+    titles = [json.loads(chart.proto.spec)["layout"]["title"]["text"] for chart in at.get("plotly_chart")]
+    assert f"Where they disagree ({differ} images): A's label vs B's" in titles and not at.success
+
+
+def test_compare_page_lists_disagreements_spread_over_many_classes(runs_dir):
+    """Over 100 classes the commonest classes hold few of the disagreements: pairs, most frequent first."""
+    for run_id, seed in (("20260101-000000-a", 0), ("20260101-000001-b", 1)):
+        write_synthetic_run(runs_dir, 2000, run_id, classes=100, seed=seed)
+    at = app("compare")
+    assert not at.exception
+    titles = [json.loads(chart.proto.spec)["layout"]["title"]["text"] for chart in at.get("plotly_chart")]
+    assert not any(title.startswith("Where they disagree") for title in titles)
+    pairs = next(frame.value for frame in at.dataframe if "label_a" in frame.value)
+    assert len(pairs) == 15 and pairs["count"].is_monotonic_decreasing
+    assert any("most frequent of" in caption.value for caption in at.caption)
+
+
+def test_compare_page_of_runs_that_agree_says_so(runs_dir):
+    write_run(runs_dir, "20260101-000000-a")
+    write_run(runs_dir, "20260101-000001-b")
+    at = app("compare")
+    assert not at.exception
+    assert "same top-1 label" in at.success[0].value
+    assert next(m.delta for m in at.metric if m.label == "Top-1 B") == "±0.0 pts"
+    titles = [json.loads(chart.proto.spec)["layout"]["title"]["text"] for chart in at.get("plotly_chart")]
+    assert titles == ["Outcome on images with ground truth"]  # no empty disagreement matrix or drift chart
+    assert not any("disagree" in header.value for header in at.subheader)
 
 
 def test_compare_page_needs_two_runs(runs_dir):
