@@ -24,6 +24,7 @@ from pipeline.sources import SAMPLE_DATA, Listing, Source, list_images, open_sou
 
 ROOT = Path(__file__).resolve().parent.parent
 CHECKPOINT_SETTINGS = ("checkpoint", "labels", "arch", "preprocess")  # a user's own network, as the CLI's flags
+CHECKPOINT_FIELDS = {"--labels FILE": "Labels file", "--preprocess": "Input", "--arch": "Architecture"}  # flag → field
 SETTINGS = ("data", "model", "address", "out", *CHECKPOINT_SETTINGS)
 CUSTOM_MODEL = "custom"  # the picker's entry for a user's own checkpoint
 
@@ -169,8 +170,16 @@ def model_problem(settings: Settings) -> str | None:
     try:
         info = describe(model_spec(settings))
     except UserError as error:
-        return str(error)
-    return _loading_problem(info.spec, _files_version(info))
+        return _in_sidebar_words(str(error))
+    problem = _loading_problem(info.spec, _files_version(info))
+    return problem and _in_sidebar_words(problem)
+
+
+def _in_sidebar_words(message: str) -> str:
+    """The pipeline's messages name the CLI's flags; here the fields that take the same values."""
+    for flag, field in CHECKPOINT_FIELDS.items():
+        message = message.replace(flag, f"the {field} field")
+    return message
 
 
 @st.cache_data(show_spinner="Checking the model…", max_entries=16)

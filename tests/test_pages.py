@@ -7,6 +7,7 @@ import json
 
 import pyarrow as pa
 import pytest
+import torch
 from streamlit.testing.v1 import AppTest
 
 from pipeline import runs
@@ -108,10 +109,23 @@ def test_a_users_own_checkpoint_is_checked_in_the_sidebar_and_previews(runs_dir,
     at.sidebar.selectbox(key="setting_model").set_value("custom").run()
     assert [e.value for e in at.sidebar.error] == ["Enter the path of your checkpoint file, or pick a model from the list"]
     at.sidebar.text_input(key="setting_checkpoint").set_value(str(checkpoint)).run()
-    assert [e.value for e in at.sidebar.error] == ["a custom checkpoint needs a labels file, one class name per line (--labels FILE)"]
+    (error,) = [e.value for e in at.sidebar.error]
+    assert error == "a custom checkpoint needs a labels file, one class name per line (the Labels file field)"
     at.sidebar.text_input(key="setting_labels").set_value(str(labels)).run()
     (error,) = [e.value for e in at.sidebar.error]  # tried on ImageNet's 224-px crops in the driver: refused in one line
     assert "small-input.pt2 cannot classify a batch of 1 image(s) of 3 × 224 × 224" in error and "\n" not in error
+    at.sidebar.text_input(key="setting_preprocess").set_value("crop=tiny").run()
+    (error,) = [e.value for e in at.sidebar.error]
+    assert error.startswith("the Input field 'crop=tiny': ") and "--" not in error
+    whole = tmp_path / "whole.pt"  # a pickled module where Architecture asks for a state dict
+    torch.save(torch.nn.Linear(2, 2), whole)
+    at.sidebar.text_input(key="setting_checkpoint").set_value(str(whole))
+    at.sidebar.text_input(key="setting_preprocess").set_value("")
+    at.sidebar.text_input(key="setting_arch").set_value("resnet18").run()
+    (error,) = [e.value for e in at.sidebar.error]
+    assert error.endswith("and drop the Architecture field") and "--" not in error
+    at.sidebar.text_input(key="setting_checkpoint").set_value(str(checkpoint))
+    at.sidebar.text_input(key="setting_arch").set_value("")
     at.sidebar.text_input(key="setting_preprocess").set_value("crop=32").run()
     assert not at.sidebar.error and not at.exception
     at.sidebar.selectbox(key="setting_model").set_value("efficientnet_lite0").run()  # the checkpoint's inputs are hidden…
