@@ -15,10 +15,8 @@ GALLERY = 12
 NO_TRUTH = "These images have no ground truth (no class folders)."
 OUTCOMES = ["All", "Correct", "Wrong", "No ground truth"]
 EXPORTS = (("CSV", "csv", "text/csv"), ("Parquet", "parquet", "application/vnd.apache.parquet"))
-PROGRESS = {
-    name: st.column_config.ProgressColumn(name, min_value=0.0, max_value=1.0, format="percent")
-    for name in ("precision", "recall", "f1", "share of class")
-}
+SHARES = ("precision", "recall", "f1", "share of class")  # table columns drawn as bars, in percent
+PROGRESS = {name: st.column_config.ProgressColumn(name, min_value=0.0, max_value=100.0, format=widgets.PERCENT_FORMAT) for name in SHARES}
 
 settings = widgets.current_settings()
 st.title("Analytics")
@@ -81,7 +79,7 @@ def confusion_tab(view: metrics.Predictions, manifest: runs.Manifest) -> None:
     if pairs.empty:
         st.caption("No mistakes here.")
         return
-    st.dataframe(pairs, hide_index=True, width="stretch", column_config=PROGRESS)
+    st.dataframe(widgets.in_percent(pairs, ["share of class"]), hide_index=True, width="stretch", column_config=PROGRESS)
     choice = st.selectbox(
         "Examples of", range(len(pairs)), format_func=lambda i: f"{pairs['truth'][i]} → {pairs['predicted'][i]} ({pairs['count'][i]:,})"
     )
@@ -169,7 +167,7 @@ def body() -> None:
         if labelled:
             table = metrics.per_class(view)
             st.dataframe(
-                table.sort_values("f1"),
+                widgets.in_percent(table.sort_values("f1"), ["precision", "recall", "f1"]),
                 hide_index=True,
                 width="stretch",
                 column_config=PROGRESS,

@@ -71,15 +71,13 @@ def _where_they_disagree() -> None:
 
 def _per_class_table() -> None:
     st.subheader("Per-class accuracy")
-    recall = comparison.per_class_delta()
-    recall[["A", "B", "delta"]] *= 100  # one decimal everywhere, where "percent" drops trailing zeros
     st.dataframe(
-        recall,
+        widgets.in_percent(comparison.per_class_delta(), ["A", "B", "delta"]),
         hide_index=True,
         width="stretch",
         column_config={
-            "A": st.column_config.NumberColumn("recall A", format="%.1f%%"),
-            "B": st.column_config.NumberColumn("recall B", format="%.1f%%"),
+            "A": st.column_config.NumberColumn("recall A", format=widgets.PERCENT_FORMAT),
+            "B": st.column_config.NumberColumn("recall B", format=widgets.PERCENT_FORMAT),
             "delta": st.column_config.NumberColumn("B − A", format="%+.1f pts"),
         },
     )

@@ -190,11 +190,12 @@ def runs_table() -> None:
         ]
     )
     st.dataframe(
-        table,
+        widgets.in_percent(table, ["top-1"]),
         hide_index=True,
         width="stretch",
         column_config={
-            "top-1": st.column_config.NumberColumn(format="percent"),
+            **{count: st.column_config.NumberColumn(format="localized") for count in ("predicted", "failed", "inputs")},
+            "top-1": st.column_config.NumberColumn(format=widgets.PERCENT_FORMAT),
             "img/s": st.column_config.NumberColumn(format="%.1f"),
             "analytics": st.column_config.LinkColumn("open", display_text="Analytics"),
         },

@@ -7,7 +7,7 @@ import os
 import subprocess
 import sys
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -306,6 +306,15 @@ def status_badge(status: str) -> str:
 
 def percent(value: float | None) -> str:
     return "–" if value is None else f"{value:.1%}"
+
+
+PERCENT_FORMAT = "%.1f%%"  # a table column of in_percent's values: one decimal on every row
+
+
+def in_percent(frame: pd.DataFrame, columns: Iterable[str]) -> pd.DataFrame:
+    """Shares as percentages for a table: Streamlit's "percent" format drops trailing zeros (100%, 93.8%,
+    37.41% in one column), a printf format cannot scale."""
+    return frame.assign(**{column: pd.to_numeric(frame[column]) * 100 for column in columns})  # None (no truth) → NaN
 
 
 def runs_in(settings: Settings) -> list[tuple[Path, runs.Manifest]]:

@@ -157,6 +157,11 @@ def test_run_page_disables_gpus_without_a_gpu_and_lists_runs(runs_dir):
     assert engine.value == "auto" and engine.options[0].startswith("auto: local processes")
     table = [element for element in at.main if type(element).__name__ == "Dataframe"][-1].value
     assert list(table["run"]) == ["20260101-000000-demo"] and table["status"][0] == "complete"
+    synthetic = runs.read_manifest(write_synthetic_run(runs_dir, 100, "20260101-000001-synthetic"))
+    at.run()
+    table = [element for element in at.main if type(element).__name__ == "Dataframe"][-1].value.set_index("run")
+    assert table.loc["20260101-000001-synthetic", "top-1"] == pytest.approx(synthetic.accuracy.top1 * 100)
+    assert table["top-1"].isna().sum() == 1  # the demo run has no ground truth
 
 
 def test_analytics_shows_metrics_and_filters(runs_dir):
