@@ -33,8 +33,12 @@ figure { margin: 0; border: 1px solid #e4e7eb; border-radius: .5rem; padding: .4
 figure img { width: 100%; border-radius: .3rem; } .wrong { color: #c62828; }
 table { border-collapse: collapse; font-size: .85rem; }
 th, td { padding: .25rem .6rem; border-bottom: 1px solid #e4e7eb; text-align: left; }
-.charts { display: grid; grid-template-columns: repeat(auto-fit, minmax(520px, 1fr)); gap: 1rem; }
+.charts { display: grid; grid-template-columns: repeat(auto-fill, minmax(520px, 1fr)); gap: 1rem; }
+.charts > div, .grid > figure { min-width: 0; }
+.name { display: block; overflow: hidden; text-overflow: ellipsis; white-space: nowrap; color: #52606d; }
 """
+# auto-fill, not auto-fit: each chart is drawn as the page is read, when the grid holds only the charts
+# before it, and auto-fit would give the first one the whole width (its bars then cut off at the column's edge)
 
 
 def _percent(value: float | None) -> str:
@@ -74,9 +78,8 @@ def _gallery(rows: pd.DataFrame, source: Source | None) -> str:
         picture = f'<img src="{image}" alt="">' if image else "<p>(image unavailable)</p>"
         truth = f'<br><span class="wrong">truth: {html.escape(row.truth)}</span>' if isinstance(row.truth, str) else ""
         name = html.escape(Path(row.path).name)
-        cells.append(
-            f"<figure>{picture}<figcaption><b>{html.escape(str(row.label))}</b> {row.score:.0%}{truth}<br>{name}</figcaption></figure>"
-        )
+        caption = f'<b>{html.escape(str(row.label))}</b> {row.score:.0%}{truth}<span class="name" title="{name}">{name}</span>'
+        cells.append(f"<figure>{picture}<figcaption>{caption}</figcaption></figure>")
     return f'<div class="grid">{"".join(cells)}</div>'
 
 
@@ -114,7 +117,7 @@ def build_report(path: str | Path, predictions: metrics.Predictions | None = Non
     if errors.num_rows:
         sections.append(f"<h2>Failed images ({errors.num_rows:,})</h2>" + _table(errors.slice(0, 100).to_pandas()))
     plots = [
-        figure.to_html(full_html=False, include_plotlyjs="inline" if i == 0 else False, config={"displaylogo": False})
+        figure.to_html(full_html=False, include_plotlyjs="inline" if i == 0 else False, config={"displaylogo": False, "responsive": True})
         for i, figure in enumerate(figures)
     ]
     meta = (

@@ -273,5 +273,10 @@ def test_compare_view_and_the_exported_report(browser, two_runs, tmp_path):
     images = page.locator("figure img")
     assert images.count() >= 12 and images.first.evaluate("img => img.naturalWidth") > 50
     assert "Top-1 among the dataset" in page.inner_text("body")
+    overflow = page.evaluate(  # each chart drawn within its column (the first was once drawn page-wide and cut off)
+        "[...document.querySelectorAll('.js-plotly-plot')].map(p => p.querySelector('.main-svg').getBoundingClientRect().right"
+        " - p.parentElement.getBoundingClientRect().right)"
+    )
+    assert len(overflow) == 5 and max(overflow) <= 1, overflow
     page.screenshot(path=str(SHOTS / "report.png"), full_page=True)
     page.close()
