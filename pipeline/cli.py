@@ -63,11 +63,9 @@ non_negative_float = _number(float, "a number", 0, "≥ 0")
 
 
 def _add_source_options(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument(
-        "--data",
-        default=str(SAMPLE_DATA),
-        help="folder, s3://bucket/prefix or gs://bucket/prefix (default: the embedded Imagenette sample)",
-    )
+    where = "folder, s3://bucket/prefix or gs://bucket/prefix (default: the embedded Imagenette sample)"
+    parser.add_argument("data_path", nargs="?", metavar="DATA", help=where)
+    parser.add_argument("--data", default=None, help="the same, as an option")
     parser.add_argument(
         "--s3-endpoint", default=None, help="S3-compatible endpoint URL (default: $AWS_ENDPOINT_URL_S3 or $AWS_ENDPOINT_URL)"
     )
@@ -398,7 +396,12 @@ COMMANDS = {
 
 def main(argv: list[str] | None = None) -> int:
     try:
-        args = build_parser().parse_args(argv)
+        parser = build_parser()
+        args = parser.parse_args(argv)
+        if hasattr(args, "data_path"):  # `run DATA` or `run --data DATA`
+            if args.data_path and args.data and args.data_path != args.data:
+                parser.error(f"two datasets given: {args.data_path} and --data {args.data}")
+            args.data = args.data_path or args.data or str(SAMPLE_DATA)
         return COMMANDS[args.command](args)
     except UserError as error:
         print(f"error: {error}", file=sys.stderr)

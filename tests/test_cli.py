@@ -75,6 +75,8 @@ def test_preview_prints_a_table_with_top5(small_folder):
     assert lines[0].split()[:3] == ["path", "ground", "truth"] and len(lines) == 11
     assert all(line.count("(") >= 5 for line in lines[1:])  # five labels with scores each
     assert "note: 1 image has a ground truth that is not a class of this model (kittens)" in result.stderr
+    positional = run_cli("preview", str(small_folder), "-n", "10", "--seed", "1")  # `preview DATA`, as `--data DATA`
+    assert positional.returncode == 0 and positional.stdout == result.stdout, positional.stderr
 
 
 def test_models_lists_the_embedded_default_as_offline():
@@ -89,6 +91,8 @@ def test_models_lists_the_embedded_default_as_offline():
     "args, message",
     [
         (["run", "--data", "/no/such/folder"], "dataset not found"),
+        (["run", "/no/such/folder"], "dataset not found"),
+        (["run", "/a", "--data", "/b"], "two datasets given: /a and --data /b"),
         (["run", "--model", "resnet9000"], "unknown model"),
         (["run", "--batch-size", "0"], "positive integer"),
         (["run", "--batch-size", "-3"], "positive integer"),
