@@ -396,8 +396,9 @@ def gallery(rows: pd.DataFrame, manifest: runs.Manifest, caption: Callable[[obje
     if rows.empty:
         st.caption("Nothing to show.")
         return
-    cells = st.columns(columns)
     for i, row in enumerate(rows.itertuples()):
+        if i % columns == 0:  # a row of columns at a time, so cards of a row start level whatever their captions' lengths
+            cells = st.columns(columns)
         with cells[i % columns].container(border=True):
             data = thumbnail(row.path, manifest.dataset, manifest.params.s3_endpoint)
             if data:
