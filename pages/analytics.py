@@ -34,7 +34,7 @@ def filters(p: metrics.Predictions, manifest: runs.Manifest) -> tuple[metrics.Pr
         c1, c2, c3 = st.columns([3, 2, 2])
         chosen = c1.multiselect("Class (ground truth or prediction)", list(p.classes), key="filter_classes")
         low, high = c2.slider("Confidence", 0.0, 1.0, (0.0, 1.0), 0.01, key="filter_confidence")
-        outcome = c3.segmented_control("Outcome", OUTCOMES, default="All", key="filter_outcome") or "All"
+        outcome = c3.selectbox("Outcome", OUTCOMES, key="filter_outcome")  # fits any width, where four buttons were cut off
         restricted = False
         if p.label_set_label is not None:
             restricted = st.toggle(

@@ -174,6 +174,10 @@ def test_analytics_shows_metrics_and_filters(runs_dir):
     assert at.main.selectbox[0].value == run_id
     at.main.slider[0].set_value((0.5, 1.0)).run()
     assert any("Showing" in c.value for c in at.caption)
+    at.main.slider[0].set_value((0.0, 1.0))
+    at.main.selectbox(key="filter_outcome").set_value("Wrong").run()
+    assert "Showing 10 of 30 predictions: wrong" in [c.value for c in at.caption]  # every 3rd of 30 is wrong
+    assert {m.label: m.value for m in at.metric}["Top-1"] == "0.0%"
 
 
 def test_analytics_says_when_ground_truth_is_no_class_of_the_model(runs_dir):
