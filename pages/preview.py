@@ -12,11 +12,11 @@ settings = widgets.current_settings()
 st.title("Preview")
 st.caption("A sample of the dataset through the model, right here — nothing is saved.")
 
-left, middle, right = st.columns([3, 1, 1], vertical_alignment="bottom")
+left, middle, right = st.columns([3, 1, 1.5], vertical_alignment="bottom")  # the button's label whole at 1,024 px
 n = left.slider("Images", 1, 64, 16)
 seed = middle.number_input("Seed", min_value=0, value=0, step=1)
 go = right.button("Classify sample", type="primary", width="stretch")
-show_topk = st.toggle("Show top-5 for every image", value=False)
+show_topk = st.toggle("Show every image's top classes", value=False)  # top-5, or all of a model with fewer
 
 key = (settings.data, settings.model_choice, n, int(seed))
 if go or st.session_state.get("preview_key") != key:
