@@ -46,7 +46,7 @@ def _top1_delta(top1_a: float | None, top1_b: float | None) -> dict:
     return {"delta": f"{change:+.1f} pts"}
 
 
-def _where_they_disagree() -> None:
+def _where_they_disagree(comparison: metrics.Comparison, differ: int) -> None:
     """A's label × B's as a matrix where its classes hold most disagreements; a ranked list of pairs where they
     are spread thin (a matrix of a few 1s among hundreds of classes says little)."""
     matrix = comparison.disagreement()
@@ -69,7 +69,7 @@ def _where_they_disagree() -> None:
     st.caption(f"The {len(pairs)} most frequent of {differ:,} disagreements, spread over many classes.")
 
 
-def _per_class_table() -> None:
+def _per_class_table(comparison: metrics.Comparison) -> None:
     st.subheader("Per-class accuracy")
     st.dataframe(
         widgets.in_percent(comparison.per_class_delta(), ["A", "B", "delta"]),
@@ -108,9 +108,9 @@ panels = []
 if summary_a.labelled:
     panels.append(lambda: st.plotly_chart(charts.outcomes(comparison.outcomes()), width="stretch"))
 if differ:
-    panels.append(_where_they_disagree)
+    panels.append(lambda: _where_they_disagree(comparison, differ))
 if summary_a.labelled:
-    panels.append(_per_class_table)
+    panels.append(lambda: _per_class_table(comparison))
 if differ:
     panels.append(lambda: st.plotly_chart(charts.share_changes(table, "Largest changes in predicted-label share (drift)"), width="stretch"))
 for row in range(0, len(panels), 2):

@@ -11,6 +11,7 @@ import argparse
 import dataclasses
 import json
 import os
+import select
 import signal
 import sys
 import time
@@ -409,11 +410,25 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
-    except BrokenPipeError:  # `… | head`: the reader has what it wanted; Python's exit flush must not fail again
-        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+    except BrokenPipeError as error:
+        if not _reader_gone(sys.stdout):  # another pipe broke (a worker's): not the user's `| head`
+            return _internal_error(error)
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # Python's exit flush must not fail again
         return 128 + signal.SIGPIPE
     except Exception as error:
-        if os.environ.get(DEBUG_ENV):
-            raise
-        print(f"internal error: {type(error).__name__}: {one_line(error)} (set {DEBUG_ENV}=1 for details)", file=sys.stderr)
-        return 1
+        return _internal_error(error)
+
+
+def _reader_gone(stream) -> bool:
+    """Whether ``stream`` is a pipe whose reader has closed it (`… | head` has what it wanted): poll then
+    reports an error on the pipe's write end."""
+    poller = select.poll()
+    poller.register(stream.fileno(), 0)
+    return any(events & select.POLLERR for _, events in poller.poll(0))
+
+
+def _internal_error(error: Exception) -> int:
+    if os.environ.get(DEBUG_ENV):
+        raise error
+    print(f"internal error: {type(error).__name__}: {one_line(error)} (set {DEBUG_ENV}=1 for details)", file=sys.stderr)
+    return 1

@@ -1,6 +1,7 @@
 """The CLI as a user runs it: a fresh process each time, exit codes and what it prints."""
 
 import json
+import os
 import subprocess
 import sys
 import time
@@ -139,6 +140,17 @@ def test_synthesize_report_and_compare(tmp_path):
     assert "largest changes in per-class recall, A → B:" in lines
     itself = run_cli("compare", str(a), str(a))
     assert itself.returncode == 0 and "(0 labelled differently)" in itself.stdout and "disagreements" not in itself.stdout
+
+
+def test_only_a_pipe_without_its_reader_counts_as_cut_short(tmp_path):
+    """Another broken pipe (a worker's) stays an internal error: only stdout's lost reader ends quietly."""
+    from pipeline.cli import _reader_gone
+
+    read, write = os.pipe()
+    with open(write, "w") as pipe, open(tmp_path / "out.txt", "w") as file:
+        assert not _reader_gone(pipe) and not _reader_gone(file)
+        os.close(read)
+        assert _reader_gone(pipe)
 
 
 def test_output_cut_short_by_its_reader_ends_quietly():
