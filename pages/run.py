@@ -27,6 +27,17 @@ except UserError as error:
     resources = None
     st.error(f"{error}. Check the Ray cluster address in the sidebar (or use `local`).")
 
+
+@st.fragment(run_every=2.0)
+def running_note() -> None:
+    """Runs in progress, before another is started beside them: on one machine they share its CPUs or GPUs."""
+    running = [m for _, m in widgets.runs_in(settings) if m.status == "running"]
+    if running:
+        names = ", ".join(f"{m.run_id} ({m.counts.done:,} of {m.counts.inputs:,})" for m in running)
+        st.caption(f":material/info: Running now: {names}. A run started beside it shares the same CPUs or GPUs.")
+
+
+running_note()
 with st.form("launch"):
     st.markdown(f"**{settings.model_display}** on `{settings.data_display}`")
     c1, c2, c3, c4 = st.columns(4)

@@ -310,6 +310,18 @@ def test_compare_page_needs_two_runs(runs_dir):
     assert not at.exception and "needs two runs" in at.info[0].value
 
 
+def test_run_page_says_which_runs_are_running_before_another_starts(runs_dir):
+    write_run(runs_dir, "20260101-000000-done")
+    at = app("run")
+    assert not any("Running now" in c.value for c in at.caption)
+    write_run(runs_dir, "20260101-000001-live", status="running")  # owned by this (live) process: running
+    at.run()
+    assert any(
+        c.value.endswith("Running now: 20260101-000001-live (31 of 31). A run started beside it shares the same CPUs or GPUs.")
+        for c in at.caption
+    )
+
+
 def test_analytics_of_a_running_run_grows_as_rows_arrive(runs_dir):
     run_id = write_run(runs_dir, status="running")  # owned by this (live) process: it reads as running
     at = app("analytics")
