@@ -62,7 +62,7 @@ def filters(p: metrics.Predictions, manifest: runs.Manifest) -> tuple[metrics.Pr
 def overview(view: metrics.Predictions) -> None:
     left, right = st.columns(2)
     distribution = metrics.label_distribution(view, 20)
-    left.plotly_chart(charts.label_counts(distribution, "Labels: predicted vs ground truth (top 20)", height=540), width="stretch")
+    left.plotly_chart(charts.label_counts(distribution, height=540), width="stretch")
     right.plotly_chart(charts.confidence_histogram(metrics.confidence_histogram(view), height=540), width="stretch")
 
 

@@ -158,9 +158,7 @@ def live_view(run_id: str) -> None:
     buttons[1].page_link("pages/analytics.py", label="Open in Analytics", query_params={"run": run_id}, icon=":material/insights:")
     predictions = widgets.load_predictions(path, manifest)
     if len(predictions):
-        figure = charts.label_counts(
-            metrics.label_distribution(predictions, top_n=15), f"Labels{so_far}: predicted vs ground truth", height=440
-        )
+        figure = charts.label_counts(metrics.label_distribution(predictions, top_n=15), height=440, scope=so_far)
         st.plotly_chart(figure, width="stretch", key=f"live-{run_id}")
 
 

@@ -6,7 +6,7 @@ from __future__ import annotations
 import pandas as pd
 import plotly.graph_objects as go
 
-from .metrics import Calibration
+from .metrics import OTHER, Calibration
 
 MARGIN = {"l": 10, "r": 10, "t": 48, "b": 10}
 OUTCOME_COLOURS = {"correct": "#2e7d32", "incorrect": "#c62828", "no ground truth": "#78909c"}
@@ -18,11 +18,16 @@ def _layout(figure: go.Figure, title: str, height: int, **layout) -> go.Figure:
     return figure
 
 
-def label_counts(distribution: pd.DataFrame, title: str, height: int = 480) -> go.Figure:
-    """Predicted (and, where known, true) counts per label as horizontal bars, largest on top, ``(other)`` last."""
+def label_counts(distribution: pd.DataFrame, height: int = 480, scope: str = "") -> go.Figure:
+    """Predicted (and, where known, true) counts per label as horizontal bars, largest on top, ``(other)`` last;
+    ``scope`` qualifies the title (" so far")."""
     order = list(distribution["label"])[::-1]
     figure = go.Figure()
-    if "truth" in distribution and distribution["truth"].sum():
+    has_truth = "truth" in distribution and distribution["truth"].sum() > 0
+    shown = len(distribution) - int(OTHER in set(distribution["label"]))
+    title = f"Labels{scope}: predicted vs ground truth" if has_truth else f"Predicted labels{scope}"
+    title += f" (top {shown})" if shown < len(distribution) else ""
+    if has_truth:
         figure.add_bar(y=distribution["label"], x=distribution["truth"], name="ground truth", orientation="h", marker_color=TRUTH_COLOUR)
     figure.add_bar(y=distribution["label"], x=distribution["predicted"], name="predicted", orientation="h", marker_color=PREDICTED_COLOUR)
     return _layout(figure, title, height, barmode="group", yaxis={"categoryorder": "array", "categoryarray": order}, xaxis_title="images")

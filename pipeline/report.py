@@ -100,7 +100,7 @@ def build_report(path: str | Path, predictions: metrics.Predictions | None = Non
     if s.label_set_top1 is not None:
         kpis.append((f"Top-1 among the dataset's {len(manifest.label_set or ())} classes", _percent(s.label_set_top1)))
     kpis.append(("Mean confidence", _percent(s.mean_score)))
-    figures = [charts.label_counts(metrics.label_distribution(p), "Labels: predicted vs ground truth (top 20)", height=520)]
+    figures = [charts.label_counts(metrics.label_distribution(p), height=520)]
     figures.append(charts.confidence_histogram(metrics.confidence_histogram(p)))
     sections = []
     if s.labelled:
