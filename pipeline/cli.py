@@ -403,7 +403,9 @@ def main(argv: list[str] | None = None) -> int:
             if args.data_path and args.data and args.data_path != args.data:
                 parser.error(f"two datasets given: {args.data_path} and --data {args.data}")
             args.data = args.data_path or args.data or str(SAMPLE_DATA)
-        return COMMANDS[args.command](args)
+        code = COMMANDS[args.command](args)
+        sys.stdout.flush()  # the last of the output, here where a reader that left (`… | head`) is handled
+        return code
     except UserError as error:
         print(f"error: {error}", file=sys.stderr)
         return 2

@@ -153,10 +153,15 @@ def test_only_a_pipe_without_its_reader_counts_as_cut_short(tmp_path):
         assert _reader_gone(pipe)
 
 
-def test_output_cut_short_by_its_reader_ends_quietly():
-    """`python -m pipeline models | head -1`: the pipe closes before the listing is written."""
+@pytest.mark.parametrize("unbuffered", ["1", None])
+def test_output_cut_short_by_its_reader_ends_quietly(unbuffered):
+    """`python -m pipeline models | head -1`: the pipe closes before the listing is written, line by line
+    (PYTHONUNBUFFERED) or, as in a user's shell, all at once when the command ends."""
+    env = {name: value for name, value in cli_env().items() if name != "PYTHONUNBUFFERED"}
+    if unbuffered:
+        env["PYTHONUNBUFFERED"] = unbuffered
     process = subprocess.Popen(
-        [sys.executable, "-m", "pipeline", "models"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=cli_env(), cwd=ROOT
+        [sys.executable, "-m", "pipeline", "models"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env, cwd=ROOT
     )
     process.stdout.close()
     stderr = process.communicate(timeout=120)[1]
