@@ -101,7 +101,7 @@ k[4].metric("Label shift", widgets.percent(distance), help="Total variation dist
 if comparison.only_a or comparison.only_b:
     st.caption(f"Not compared: {comparison.only_a:,} images only in A, {comparison.only_b:,} only in B.")
 
-differ = comparison.common - int(comparison.agree.sum())
+differ = comparison.disagreeing()
 if not differ:
     st.success(f"Both runs give each of the {comparison.common:,} images in common the same top-1 label.")
 panels = []

@@ -340,7 +340,7 @@ def cmd_compare(args) -> int:
     if not comparison.common:
         raise UserError("the two runs have no image in common")
     shares, distance = comparison.drift(top_n=COMPARE_LINES)
-    differ = comparison.common - int(comparison.agree.sum())
+    differ = comparison.disagreeing()
     print(f"images in common: {comparison.common:,} (only in A: {comparison.only_a:,}, only in B: {comparison.only_b:,})")
     print(f"agreement: {comparison.agreement():.2%} ({differ:,} labelled differently)")
     print(f"label distribution shift (total variation): {distance:.2%}")

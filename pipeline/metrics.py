@@ -365,6 +365,10 @@ class Comparison:
     def agreement(self) -> float | None:
         return float(self.agree.mean()) if self.common else None
 
+    def disagreeing(self) -> int:
+        """Common images the runs label differently."""
+        return self.common - int(self.agree.sum())
+
     def outcomes(self) -> pd.DataFrame:
         """Over the labelled common rows: both right, only A, only B, both wrong."""
         labelled = self.a.labelled

@@ -194,7 +194,7 @@ def test_compare_matches_rows_by_path(tmp_path):
     b = write_run(tmp_path / "b", [row("z", "dog", "fox", 0.8), row("y", "dog", "dog", 0.9), row("x", "cat", "cat", 0.95)])
     comparison = metrics.compare(a, b)
     assert (comparison.common, comparison.only_a, comparison.only_b) == (3, 1, 0)
-    assert comparison.agreement() == pytest.approx(1 / 3)
+    assert comparison.agreement() == pytest.approx(1 / 3) and comparison.disagreeing() == 2
     outcomes = dict(zip(*comparison.outcomes().to_dict("list").values(), strict=True))
     assert outcomes == {"both right": 1, "only A right": 1, "only B right": 1, "both wrong": 0}
     delta = comparison.per_class_delta().set_index("class")
