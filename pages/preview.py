@@ -16,7 +16,8 @@ left, middle, right = st.columns([3, 1, 1.5], vertical_alignment="bottom")  # th
 n = left.slider("Images", 1, 64, 16)
 seed = middle.number_input("Seed", min_value=0, value=0, step=1)
 go = right.button("Classify sample", type="primary", width="stretch")
-show_topk = st.toggle("Show every image's top classes", value=False)  # top-5, or all of a model with fewer
+options, restrict = st.columns(2)
+show_topk = options.toggle("Show every image's top classes", value=False)  # top-5, or all of a model with fewer
 
 key = (settings.data, settings.model_choice, n, int(seed))
 if go or st.session_state.get("preview_key") != key:
@@ -34,11 +35,19 @@ if go or st.session_state.get("preview_key") != key:
     st.session_state.update(preview_key=key, preview_result=result)
 
 result = st.session_state["preview_result"]
+among = ""
+if result.label_set and restrict.toggle(
+    f"Only the dataset's {len(result.label_set)} classes",
+    key="preview_restricted",
+    help="Each image's best among the classes the dataset's folders name, instead of all the model's, with scores "
+    "renormalised over them (label-set-restricted, as on Analytics).",
+):
+    result, among = result.restricted(), f" among the dataset's {len(result.label_set)} classes"
 rows = result.rows
 judged = [row.correct for row in rows if row.correct is not None]
 summary = f"{len(rows)} images in {result.seconds:.2f} s"
 if judged:
-    summary += f" · {sum(judged)}/{len(judged)} correct"
+    summary += f" · {sum(judged)}/{len(judged)} correct{among}"
 st.caption(summary)
 
 for start in range(0, len(rows), COLUMNS):

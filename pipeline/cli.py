@@ -138,6 +138,12 @@ def build_parser() -> Parser:
     _add_model_options(preview)
     preview.add_argument("-n", type=positive_int, default=10, help="how many images (default 10)")
     preview.add_argument("--seed", type=int, default=0)
+    preview.add_argument(
+        "--dataset-classes",
+        action="store_true",
+        help="answer only with the classes the dataset's folders name, where they are a few of the model's "
+        "(Imagenette: 10 of 1,000): label-set-restricted, as Analytics offers for a run",
+    )
 
     commands.add_parser("models", help="list models and whether their weights are available offline")
 
@@ -269,9 +275,15 @@ def cmd_preview(args) -> int:
     listing = list_images(open_source(args.data, args.s3_endpoint))
     ensure_weights(describe(spec))
     result = preview(listing, Classifier(spec), n=args.n, seed=args.seed)
+    among = ""
+    if args.dataset_classes and result.label_set:
+        result, among = result.restricted(), f" among the dataset's {len(result.label_set)} classes"
+    elif args.dataset_classes:
+        print("note: the dataset's folders name no subset of the model's classes: answering with all of them", file=sys.stderr)
+    ranking = f"top-{max(len(row.topk) for row in result.rows) or 5}{among}"  # 5 where no image could be read
     width = max(len(row.relative) for row in result.rows)
     truth_width = max([len("ground truth")] + [len(row.ground_truth or "-") for row in result.rows])
-    print(f"{'path':<{width}}  {'ground truth':<{truth_width}}  top-5")
+    print(f"{'path':<{width}}  {'ground truth':<{truth_width}}  {ranking}")
     for row in result.rows:
         top = row.error or ", ".join(f"{label} ({score:.2f})" for label, score in row.topk)
         mark = {True: "✓", False: "✗", None: " "}[row.correct]

@@ -11,6 +11,12 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    import pyarrow as pa
+
+    from .sources import Listing
 
 WNID = re.compile(r"^n\d{8}$")
 
@@ -20,6 +26,7 @@ def normalize(name: str) -> str:
     return " ".join(name.replace("_", " ").lower().split())
 
 
+MAX_LABEL_SET = 100  # classes whose scores every row stores for label-set-restricted evaluation
 IMAGENET_CLASSES_FILE = Path(__file__).with_name("imagenet_classes.tsv")
 
 
@@ -86,3 +93,35 @@ def folder_of(relative_path: str) -> str | None:
     """The parent folder of a path relative to the dataset root; None for files at the root."""
     parts = relative_path.strip("/").split("/")
     return parts[-2] if len(parts) >= 2 else None
+
+
+def label_inputs(listing: Listing, categories: Sequence[str]) -> pa.Table:
+    """(path, ground_truth) for every input, ground truth from the parent folder's name, worked out
+    once per folder (a million inputs live in a few thousand folders)."""
+    import numpy as np
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
+    mapper = LabelMapper(categories)
+    source = listing.source
+    paths = pa.array([source.to_uri(fs_path) for fs_path in listing.files], pa.string())  # chunked past 2 GiB
+    folders = pc.replace_substring_regex(paths, pattern="/[^/]*$", replacement="")
+    folder_ids = pc.index_in(folders, value_set=pc.unique(folders)).to_numpy()
+    _, first_file = np.unique(folder_ids, return_index=True)
+    truths = []
+    for index in first_file:
+        folder = folder_of(source.relative(listing.files[index]))
+        truths.append(mapper(folder) if folder else None)
+    return pa.table({"path": paths, "ground_truth": pa.array(truths, pa.string()).take(folder_ids)})
+
+
+def label_set(inputs: pa.Table, categories: Sequence[str]) -> list[str] | None:
+    """The model classes the dataset's ground truth uses, in model order, when they are a real subset
+    small enough to store their scores on every row (Imagenette: 10 of ImageNet's 1,000)."""
+    import pyarrow.compute as pc
+
+    known = set(categories)
+    present = {truth for truth in pc.unique(inputs.column("ground_truth")).to_pylist() if truth in known}
+    if not 2 <= len(present) <= MAX_LABEL_SET or len(present) == len(categories):
+        return None
+    return list(dict.fromkeys(name for name in categories if name in present))  # a few ImageNet names repeat

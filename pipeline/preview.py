@@ -7,14 +7,14 @@ meant to be created once and reused by the caller.
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 import pyarrow as pa
 from PIL import Image
 
 from .inference import Classifier
-from .labels import LabelMapper, folder_of
+from .labels import LabelMapper, folder_of, label_inputs, label_set
 from .preprocess import describe_error, open_rgb, resize_crop
 from .runs import UnmatchedTruth, unmatched_truth
 from .sources import Listing
@@ -31,6 +31,8 @@ class PreviewRow:
     thumbnail: Image.Image | None
     error: str | None = None
     truth_unmatched: bool = False  # the ground truth names no class of the model: never predicted
+    # Every class of the dataset's label set, best first, its probability renormalised over them
+    label_set_ranking: list[tuple[str, float]] = field(default_factory=list)
 
     @property
     def label(self) -> str | None:
@@ -50,14 +52,25 @@ class PreviewResult:
     rows: list[PreviewRow]
     seconds: float
     unmatched_truth: UnmatchedTruth | None = None  # the sample's ground truth that names no class of the model
+    # The model classes the whole dataset's folders name, where they are a few of many (``labels.label_set``)
+    label_set: list[str] | None = None
+
+    def restricted(self) -> PreviewResult:
+        """The answers as if the model could only answer with the dataset's classes (label-set-restricted,
+        as Analytics offers for a run): each row's top classes among them."""
+        rows = [replace(row, topk=row.label_set_ranking[: len(row.topk)]) if row.label_set_ranking else row for row in self.rows]
+        return replace(self, rows=rows)
 
 
 def preview(listing: Listing, classifier: Classifier, n: int = 10, seed: int = 0, k: int = 5) -> PreviewResult:
     """Classify ``n`` images sampled with ``seed``; unreadable ones come back with an error."""
     began = time.perf_counter()
     source = listing.source
-    mapper = LabelMapper(classifier.categories)
-    known = set(classifier.categories)
+    categories = classifier.categories
+    dataset_classes = label_set(label_inputs(listing, categories), categories)
+    set_indices = [categories.index(name) for name in dataset_classes or ()]
+    mapper = LabelMapper(categories)
+    known = set(categories)
     rows, crops = [], []
     for fs_path in listing.sample(n, seed):
         relative = source.relative(fs_path)
@@ -78,8 +91,11 @@ def preview(listing: Listing, classifier: Classifier, n: int = 10, seed: int = 0
         rows.append(row)
     good = [row for row in rows if row.error is None]
     if good:
-        indices, scores, _ = classifier.top_k(np.stack(crops), k)
-        for row, idx, sc in zip(good, indices, scores, strict=True):
-            row.topk = [(classifier.categories[i], float(s)) for i, s in zip(idx, sc, strict=True)]
+        indices, scores, set_scores = classifier.top_k(np.stack(crops), k, set_indices)
+        for row, idx, sc, among in zip(good, indices, scores, set_scores, strict=True):
+            row.topk = [(categories[i], float(s)) for i, s in zip(idx, sc, strict=True)]
+            if dataset_classes:
+                shares = among / max(float(among.sum()), np.finfo(np.float32).tiny)  # as a run's analytics renormalise
+                row.label_set_ranking = [(dataset_classes[i], float(shares[i])) for i in np.argsort(-shares, kind="stable")]
     truths = pa.array([row.ground_truth for row in rows], pa.string())
-    return PreviewResult(rows, time.perf_counter() - began, unmatched_truth(truths, classifier.categories))
+    return PreviewResult(rows, time.perf_counter() - began, unmatched_truth(truths, categories), dataset_classes)

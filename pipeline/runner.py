@@ -33,12 +33,11 @@ from .inference import (
     resolve_precision,
     ship_checkpoint,
 )
-from .labels import LabelMapper, folder_of
+from .labels import label_inputs, label_set
 from .models import ModelInfo, ModelSpec, describe, ensure_weights
 from .runs import ENGINES, Accuracy, Counts, Manifest, RunParams, RunWriter
 from .sources import SAMPLE_DATA, Listing, Source, list_images, open_source, redact_uri, require_exists
 
-MAX_LABEL_SET = 100  # classes whose scores every row stores for label-set-restricted evaluation
 # ``auto`` runs up to this many images on this machine in local worker processes (``local``), where Ray's
 # start would be a large part of the run: on 2 cores, first predictions 4.4 s later, in an ~18-s run of
 # Imagenette's 3,925 images; on an H100 machine (ResNet-152), 19–28 s to Ray's first predictions against
@@ -126,32 +125,6 @@ def connect(address: str | None) -> cluster.ClusterInfo:
     """Ray, for a run that goes there: a fork server started for a local run would only slow its start."""
     local.stop_fork_server()
     return cluster.connect(address)
-
-
-def label_inputs(listing: Listing, categories) -> pa.Table:
-    """(path, ground_truth) for every input, ground truth from the parent folder's name, worked out
-    once per folder (a million inputs live in a few thousand folders)."""
-    mapper = LabelMapper(categories)
-    source = listing.source
-    paths = pa.array([source.to_uri(fs_path) for fs_path in listing.files], pa.string())  # chunked past 2 GiB
-    folders = pc.replace_substring_regex(paths, pattern="/[^/]*$", replacement="")
-    folder_ids = pc.index_in(folders, value_set=pc.unique(folders)).to_numpy()
-    _, first_file = np.unique(folder_ids, return_index=True)
-    truths = []
-    for index in first_file:
-        folder = folder_of(source.relative(listing.files[index]))
-        truths.append(mapper(folder) if folder else None)
-    return pa.table({"path": paths, "ground_truth": pa.array(truths, pa.string()).take(folder_ids)})
-
-
-def label_set(inputs: pa.Table, categories: Sequence[str]) -> list[str] | None:
-    """The model classes the dataset's ground truth uses, in model order, when they are a real subset
-    small enough to store their scores on every row (Imagenette: 10 of ImageNet's 1,000)."""
-    known = set(categories)
-    present = {truth for truth in pc.unique(inputs.column("ground_truth")).to_pylist() if truth in known}
-    if not 2 <= len(present) <= MAX_LABEL_SET or len(present) == len(categories):
-        return None
-    return list(dict.fromkeys(name for name in categories if name in present))  # a few ImageNet names repeat
 
 
 def _check_writable(out: Path) -> None:

@@ -80,6 +80,24 @@ def test_preview_prints_a_table_with_top5(small_folder):
     assert positional.returncode == 0 and positional.stdout == result.stdout, positional.stderr
 
 
+def test_preview_answers_among_the_datasets_classes_when_asked(small_folder, tmp_path):
+    restricted = run_cli("preview", str(small_folder), "-n", "9", "--dataset-classes")
+    assert restricted.returncode == 0, restricted.stderr
+    lines = restricted.stdout.strip().splitlines()
+    assert lines[0].endswith("top-3 among the dataset's 3 classes") and len(lines) == 10
+    classes = {"tench", "English springer", "cassette player"}
+    for line in lines[1:]:
+        answers = line.split("  ")[-1].lstrip("✓✗ ").split(", ")
+        assert {answer.rsplit(" (", 1)[0] for answer in answers} == classes
+    one_class = tmp_path / "one"
+    (one_class / "n01440764").mkdir(parents=True)
+    for image in list((small_folder / "n01440764").iterdir())[:2]:
+        (one_class / "n01440764" / image.name).write_bytes(image.read_bytes())
+    unrestricted = run_cli("preview", str(one_class), "--dataset-classes")
+    assert unrestricted.returncode == 0 and unrestricted.stdout.splitlines()[0].endswith("top-5"), unrestricted.stderr
+    assert "note: the dataset's folders name no subset of the model's classes" in unrestricted.stderr
+
+
 def test_models_lists_the_embedded_default_as_offline():
     result = run_cli("models")
     assert result.returncode == 0

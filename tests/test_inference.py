@@ -135,7 +135,7 @@ def test_as_many_actors_as_cpus_still_finishes(small_folder, tmp_path):
 def test_decode_tasks_and_self_decoding_actors_give_the_same_rows(small_folder):
     """GPU plans feed actors from decode tasks; CPU plans let actors decode: both paths run here on CPUs."""
     from pipeline import cluster
-    from pipeline.runner import label_inputs
+    from pipeline.labels import label_inputs
     from pipeline.sources import list_images, open_source
 
     (small_folder / "n01440764" / "broken.jpg").write_bytes(b"\xff\xd8\xff garbage")

@@ -12,8 +12,9 @@ import pytest
 
 from pipeline import local, runner, runs
 from pipeline.errors import UserError
+from pipeline.labels import label_inputs
 from pipeline.models import ModelSpec, parse_model
-from pipeline.runner import RunRequest, engine_for, execute, in_background, label_inputs, resume, run, start
+from pipeline.runner import RunRequest, engine_for, execute, in_background, resume, run, start
 from pipeline.sources import Listing, Source
 
 from .conftest import ROOT, small_input_program

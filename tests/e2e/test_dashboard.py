@@ -139,6 +139,14 @@ def test_preview_shows_images_with_labels(browser, server):
     assert images.first.evaluate("img => img.naturalWidth") > 50
     text = page.locator('[data-testid="stMain"]').inner_text()
     assert "16 images in" in text and "truth: tench" in text
+    judged = re.search(r"· (\d+)/16 correct", text)
+    assert judged and "among the dataset's" not in text
+    page.get_by_text("Only the dataset's 10 classes").click()  # label-set-restricted: the sample's 10 folders
+    page.get_by_text("correct among the dataset's 10 classes").wait_for(timeout=30_000)
+    wait_idle(page)
+    restricted = re.search(r"· (\d+)/16 correct among", page.locator('[data-testid="stMain"]').inner_text())
+    assert restricted and int(restricted.group(1)) >= int(judged.group(1))  # a right answer stays right among fewer classes
+    assert images.count() == 16  # the same sample
     assert_no_exception(page, "preview-grid")
     page.close()
 
