@@ -309,13 +309,15 @@ def cmd_runs(args) -> int:
     if not found:
         print(f"no runs in {args.out}", file=sys.stderr)
         return 0
-    rows = [("run", "status", "images", "top-1", "model", "folder")]
+    rows = [("run", "status", "images", "top-1", "img/s", "model", "dataset", "folder")]
     for path, manifest in found:
         top1 = f"{manifest.accuracy.top1:.1%}" if manifest.accuracy.top1 is not None else "-"
         images = f"{manifest.counts.done:,}/{manifest.counts.inputs:,}"
-        rows.append((manifest.run_id, manifest.status, images, top1, manifest.model.get("display_name", "?"), str(path)))
+        speed = f"{manifest.images_per_s:,.1f}" if manifest.images_per_s else "-"
+        model = manifest.model.get("display_name", "?")
+        rows.append((manifest.run_id, manifest.status, images, top1, speed, model, manifest.dataset, str(path)))
     widths = [max(len(row[column]) for row in rows) for column in range(len(rows[0]) - 1)]
-    numbers = (2, 3)  # images and top-1, right-aligned
+    numbers = (2, 3, 4)  # images, top-1 and img/s, right-aligned
     for row in rows:
         cells = [row[c].rjust(widths[c]) if c in numbers else row[c].ljust(widths[c]) for c in range(len(widths))]
         print("  ".join([*cells, row[-1]]))

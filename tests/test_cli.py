@@ -262,8 +262,10 @@ def test_runs_lists_every_run_as_an_aligned_table(tmp_path):
     result = run_cli("runs", "--out", str(tmp_path))
     assert result.returncode == 0, result.stderr
     header, *lines = result.stdout.splitlines()
-    assert header.split() == ["run", "status", "images", "top-1", "model", "folder"] and len(lines) == 2
+    assert header.split() == ["run", "status", "images", "top-1", "img/s", "model", "dataset", "folder"] and len(lines) == 2
     assert {line.split()[0] for line in lines} == {"20260101-000000-small", "20260101-000001-big"}
     assert any("12,000/12,000" in line for line in lines)
+    for line in lines:  # which dataset each run classified
+        assert json.loads((tmp_path / line.split()[0] / "manifest.json").read_text())["dataset"] in line
     end = header.index("images") + len("images")  # numbers end under their heading
     assert all(line[end - len(line.split()[2]) : end] == line.split()[2] for line in lines)
