@@ -8,8 +8,8 @@ before the first prediction: its own processes, Ray Data's helper actors, and ac
 ``gpus``, the workers are laid out as Ray's GPU actors are (two per GPU), each given one GPU and
 processes of its own that read and decode its batches (``Decoders``).
 
-Workers fork from a server process that imported torch and this package's model code once (~1 s
-of a core), instead of each importing them. ``python -m pipeline run`` starts that server first
+Workers fork from a server process that imported torch and this package's model code once (~0.9 s
+of a core, ``preload``), instead of each importing them. ``python -m pipeline run`` starts that server first
 thing (``prestart``), so that its import overlaps the CLI's own imports and its listing of the inputs;
 a worker loads the model from the first block's options. This module's imports stay light for that:
 the rest are made where used.
@@ -58,7 +58,7 @@ if TYPE_CHECKING:
 MAX_CPU_ACTORS = 8
 
 BLOCKS_PER_WORKER = 2  # in flight: one being predicted, one waiting, so a worker never idles between blocks
-WORKER_IMPORTS = ["torch", f"{__package__}.inference"]  # what the fork server imports once for every worker
+WORKER_IMPORTS = [f"{__package__}.preload"]  # what the fork server imports once for every worker
 # A GPU worker's decoding processes, at most: 16 a GPU decode ~55,000 Imagenette images/s (one core decodes
 # ~3,700 with ResNet-152's preprocessing, 2-core VM), ~10x ResNet-152's forward pass on an H100. Each is
 # forked from the worker (~8 ms a fork of a process that imported torch, same VM): a 256-CPU machine's

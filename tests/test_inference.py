@@ -1,3 +1,4 @@
+import gc
 import importlib.util
 import json
 import math
@@ -24,6 +25,7 @@ from pipeline.inference import (
     Predictor,
     PredictorOptions,
     build_dataset,
+    collector_paused,
     cpu_micro_batch,
     plan,
     resolve_precision,
@@ -328,3 +330,27 @@ def test_an_exported_program_answers_on_the_gpu_like_on_the_cpu(tmp_path):
     cpu = Classifier(spec, device="cpu", precision="fp32").probabilities(crops)
     gpu = Classifier(spec, device="cuda", precision="fp32").probabilities(crops).cpu()
     assert gpu.shape == (16, 10) and torch.allclose(gpu, cpu, atol=1e-2)  # cuDNN's convolutions may run in TF32
+
+
+def test_the_collector_is_paused_while_a_model_loads_and_left_as_it_was_found():
+    assert gc.isenabled()
+    with pytest.raises(ValueError), collector_paused():
+        assert not gc.isenabled()
+        raise ValueError("a model that fails to load")
+    assert gc.isenabled()
+    gc.disable()  # turned off by someone else: theirs to turn on
+    try:
+        with collector_paused():
+            pass
+        assert not gc.isenabled()
+    finally:
+        gc.enable()
+    code = (
+        "import gc, sys; from pipeline.inference import Classifier; from pipeline.models import ModelSpec; "
+        "assert 'torch' not in sys.modules; before = sum(g['collections'] for g in gc.get_stats()); "
+        "Classifier(ModelSpec(), device='cpu', fast_path=False); "
+        "print(sum(g['collections'] for g in gc.get_stats()) - before, gc.isenabled())"
+    )
+    loaded = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=cli_env(), cwd=ROOT, timeout=300)
+    collections, enabled = loaded.stdout.split()
+    assert int(collections) < 10 and enabled == "True", loaded.stderr  # torch's import alone triggers hundreds
