@@ -5,9 +5,7 @@ torch's import allocates a few hundred thousand objects, none of them garbage, a
 them meanwhile: paused, it took 0.86–0.88 s instead of 1.02–1.06 (2 cores, four interleaved pairs), and
 it is what a CPU run waits on before its first prediction. A run of efficientnet_lite0 over Imagenette's
 3,925 images forked its workers 1.03–1.11 s after the command started instead of 1.27–1.36, and took
-14.88 s instead of 15.10 (medians of four interleaved pairs). Frozen afterwards, those objects stay out
-of every forked worker's collections, and the pages holding them stay shared instead of being copied as
-a collection touches them.
+14.88 s instead of 15.10 (medians of four interleaved pairs).
 """
 
 import gc
@@ -18,5 +16,4 @@ try:
 
     from . import inference  # noqa: F401
 finally:
-    gc.freeze()
     gc.enable()
