@@ -62,15 +62,8 @@ for start in range(0, len(rows), COLUMNS):
             st.markdown(f"{mark} **{row.label}** · {row.score:.0%}")
             truth = f"truth: {row.ground_truth}" if row.ground_truth else "no ground truth"
             st.caption(f"{truth} (not a class of this model)" if row.truth_unmatched else truth)
-            if show_topk:
-                st.dataframe(
-                    {"label": [label for label, _ in row.topk], "score": [score for _, score in row.topk]},
-                    hide_index=True,
-                    column_config={"score": st.column_config.ProgressColumn("score", min_value=0.0, max_value=1.0, format="%.2f")},
-                    width="stretch",
-                )
-            else:
-                with st.popover(f"Top-{len(row.topk)}", width="stretch"):
-                    for label, score in row.topk:
-                        st.progress(score, text=f"{label} · {score:.1%}")
+            # a bar per class with its name and score above it: a table's bar column hid the scores in a card's width
+            with st.container() if show_topk else st.popover(f"Top-{len(row.topk)}", width="stretch"):
+                for label, score in row.topk:
+                    st.progress(score, text=f"{label} · {score:.1%}")
             st.caption(row.relative)

@@ -147,6 +147,11 @@ def test_preview_shows_images_with_labels(browser, server):
     restricted = re.search(r"· (\d+)/16 correct among", page.locator('[data-testid="stMain"]').inner_text())
     assert restricted and int(restricted.group(1)) >= int(judged.group(1))  # a right answer stays right among fewer classes
     assert images.count() == 16  # the same sample
+    page.get_by_text("Show every image's top classes").click()  # each card's top 5, named and scored, inline
+    page.locator('[data-testid="stProgress"]').nth(79).wait_for(timeout=30_000)
+    wait_idle(page)
+    bars = page.locator('[data-testid="stMain"] [data-testid="stProgress"]')
+    assert bars.count() == 80 and re.fullmatch(r".+ · \d+\.\d%", bars.first.inner_text().strip())
     assert_no_exception(page, "preview-grid")
     page.close()
 
