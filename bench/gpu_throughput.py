@@ -21,6 +21,7 @@ against fp32 on the CPU, and of the default bf16 against fp32, with real (embedd
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import os
 import sys
 import tempfile
@@ -60,29 +61,33 @@ def decode_rate(files: list[str], model: str, count: int = 500) -> float:
 
 def forward_rates(model: str, crops: np.ndarray, batches: int = 10) -> dict[str, float]:
     """img/s as the actor runs a batch (host uint8 in, top-k out), and of the network alone on a batch
-    already on the GPU, with cuDNN's autotuner off (as the Classifier runs it) and on."""
+    already on the GPU: as the actor runs it (its kept graph, cuDNN's autotuner off), and the eager network
+    with the autotuner on."""
     import torch
 
-    classifier = Classifier(parse_model(model), device="cuda")
+    spec = parse_model(model)
+    classifier = Classifier(spec, device="cuda")
     rates = {}
     for _ in range(2):
-        classifier.top_k(crops)  # warm-up: CUDA context, cuDNN's choice of kernels
+        classifier.top_k(crops)  # warm-up: CUDA context, the graph built, checked and kept, cuDNN's choice of kernels
     torch.cuda.synchronize()
     began = time.perf_counter()
     for _ in range(batches):
         classifier.top_k(crops)
     rates["c"] = batches * len(crops) / (time.perf_counter() - began)
+    rates["c_graph"] = float(classifier.graph is not None)
     batch = classifier.normalised(torch.from_numpy(crops).cuda())
+    eager = Classifier(spec, device="cuda", fast_path=False)
     chosen = torch.backends.cudnn.benchmark
-    for autotune in (False, True):
+    for autotune, network in ((False, classifier), (True, eager)):
         torch.backends.cudnn.benchmark = autotune
-        with torch.inference_mode(), torch.autocast("cuda", dtype=torch.bfloat16):
+        with torch.inference_mode():
             for _ in range(3):
-                classifier.module(batch)
+                network.forward(batch)
             torch.cuda.synchronize()
             began = time.perf_counter()
             for _ in range(batches):
-                classifier.module(batch)
+                network.forward(batch)
             torch.cuda.synchronize()
         rates["c_autotuned" if autotune else "c_resident"] = batches * len(crops) / (time.perf_counter() - began)
     torch.backends.cudnn.benchmark = chosen
@@ -147,14 +152,19 @@ def main() -> None:
     if "c" not in skip:
         r.update(forward_rates(args.model, crops_for(files, args.model, GPU_BATCH_SIZE)))
         print(
-            f"(c) forward as the actor runs it {r['c']:.0f} img/s; network alone on a resident batch {r['c_resident']:.0f} img/s, "
-            f"{r['c_autotuned']:.0f} with cuDNN autotuning",
+            f"(c) forward as the actor runs it {r['c']:.0f} img/s ({'its kept graph' if r['c_graph'] else 'no graph: the eager network'}); "
+            f"network alone on a resident batch {r['c_resident']:.0f} img/s, eager with cuDNN autotuning {r['c_autotuned']:.0f}",
             flush=True,
         )
     if "start" not in skip:
-        ray_init = measure([sys.executable, "-c", "import ray; ray.init(include_dashboard=False)"], env).seconds
-        first = first_prediction_s(args.model, env, "cuda")
-        print(f"start-up: a fresh process through ray.init {ray_init:.1f} s; to a first GPU prediction {first:.1f} s", flush=True)
+        cold = first_prediction_s(args.model, {**env, CACHE_ENV: str(work / "graphs-cold")}, "cuda")
+        kept = first_prediction_s(args.model, env, "cuda")
+        ray_init = ""
+        if importlib.util.find_spec("ray") is not None:
+            seconds = measure([sys.executable, "-c", "import ray; ray.init(include_dashboard=False)"], env).seconds
+            ray_init = f"a fresh process through ray.init {seconds:.1f} s; "
+        first = f"to a first GPU prediction {cold:.1f} s building the network, {kept:.1f} s from its kept graph"
+        print(f"start-up: {ray_init}{first}", flush=True)
     for name, extra in (("b", ()), ("b2", ("--num-gpus", "1")), ("b3", ("--concurrency", "3")), ("bl", ("--engine", "local"))):
         if name not in skip:
             result = timed_project_run(str(data), args.model, work, env, f"bench-{name}", *extra, track_pss=True)

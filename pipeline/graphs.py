@@ -1,13 +1,15 @@
-"""The CPU fast path's frozen TorchScript graphs, built once per model and machine and kept on disk.
+"""Kept TorchScript graphs of the networks, built once per model and machine and kept on disk.
 
-Building a graph needs the network's Python code first (timm imports torchvision, which imports
-``torch._dynamo``: ~4 s on 2 cores), then a trace and freeze (~1.5 s), all on the critical path of
-every run's model actor. Loading a kept graph needs only torch and takes a tenth of a second.
-A graph is kept only after it reproduced the eager network's logits, under a key naming everything
-that shapes it: the model, its weights file (path, size, modification time), the micro-batch and
-crop, the torch/torchvision/timm versions, the CPU's instruction set and this project's way of
-building graphs (``GRAPH_FORMAT``). Set ``PIPELINE_GRAPH_CACHE`` to move the folder; delete it to
-rebuild every graph.
+Building a network needs its Python code first (torchvision imports ``torch._dynamo``, and timm
+imports torchvision: ~1 s on 2 cores, 5.2 s on the H100 machines' CPUs), on the critical path of every
+run's model actor. Loading a kept graph needs only torch and takes a tenth of a second. Two kinds:
+on a CPU in fp32, the network traced and frozen for the micro-batch it runs (``frozen_graph``); on a
+GPU, or in bf16, the network traced with autocast's casts recorded, for batches of any size
+(``traced_graph``), giving the eager network's answers to the bit. A graph is kept only after it
+reproduced the eager network's logits, under a key naming everything that shapes it: the model, its
+weights file (path, size, modification time), the micro-batch and crop, the device and precision, the
+torch/torchvision/timm versions, the CPU's instruction set and this project's way of building graphs
+(``GRAPH_FORMAT``). Set ``PIPELINE_GRAPH_CACHE`` to move the folder; delete it to rebuild every graph.
 """
 
 from __future__ import annotations
@@ -26,12 +28,13 @@ from pathlib import Path
 from .cache import cache_dir, package_version, write_atomically
 from .models import ModelInfo
 
-GRAPH_FORMAT = 3  # bump whenever this project changes how a network is built, wrapped or traced
+GRAPH_FORMAT = 4  # bump whenever this project changes how a network is built, wrapped or traced
 
 
-def graph_path(info: ModelInfo, micro_batch: int) -> Path | None:
-    """Where the graph for this model, weights file and micro-batch on this machine lives; None when the
-    weights file is not on this machine (a cluster node laid out unlike the driver): no cache then."""
+def graph_path(info: ModelInfo, micro_batch: int | None, device: str = "cpu", precision: str = "fp32") -> Path | None:
+    """Where the graph for this model, weights file, micro-batch (None: batches of any size), device and
+    precision on this machine lives; None when the weights file is not on this machine (a cluster node laid
+    out unlike the driver): no cache then."""
     import torch
 
     weights = Path(info.weights_path)
@@ -43,6 +46,8 @@ def graph_path(info: ModelInfo, micro_batch: int) -> Path | None:
         "spec": info.spec.to_dict(),
         "weights": [str(weights.resolve()), stat.st_size, stat.st_mtime_ns],
         "input": [micro_batch, 3, info.preprocessing.crop, info.preprocessing.crop],
+        "device": torch.device(device).type,
+        "precision": precision,
         "versions": [package_version("torch"), package_version("torchvision"), package_version("timm")],
         "cpu": torch.backends.cpu.get_cpu_capability(),
     }
@@ -51,15 +56,15 @@ def graph_path(info: ModelInfo, micro_batch: int) -> Path | None:
     return cache_dir() / f"{name}-{digest}.pt"
 
 
-def load(path: Path | None):
-    """The kept graph, or None when there is none or it cannot be read (it is then rebuilt)."""
+def load(path: Path | None, device: str = "cpu"):
+    """The kept graph on ``device``, or None when there is none or it cannot be read (it is then rebuilt)."""
     import torch
 
     if path is None or not path.is_file():
         return None
     try:
         with _jit_quietly():
-            return torch.jit.load(str(path), map_location="cpu")
+            return torch.jit.load(str(path), map_location=device)
     except Exception:
         return None
 
@@ -88,6 +93,49 @@ def frozen_graph(module, example):
     except Exception:
         return None
     return graph if torch.allclose(got, expected, rtol=1e-3, atol=1e-3) else None
+
+
+def traced_graph(module, batch, precision: str):
+    """``module`` traced on two images of ``batch`` as it runs in ``precision``, for batches of any size; None
+    when tracing fails or the graph does not give ``module``'s logits on the whole of ``batch``.
+
+    In bf16 the trace is taken under autocast, with TorchScript's own handling of autocast off, so that the
+    casts autocast makes (inputs and weights to bf16 before each convolution, back to fp32 where autocast
+    keeps fp32) are recorded as operations of the graph: it then runs without autocast and gives the eager
+    network's answers to the bit. A graph traced in fp32 and run under autocast would not: TorchScript
+    records convolutions as ``aten::_convolution``, which CPU autocast leaves in fp32. Checked on a batch of
+    another size than the trace's, so that a graph that kept its example's batch size is refused.
+    """
+    import torch
+
+    device = batch.device.type
+    try:
+        with _jit_quietly(), _autocast_recorded(device, enabled=precision == "bf16"):
+            graph = torch.jit.trace(module, batch[:2], check_trace=False)
+        with torch.autocast(device, dtype=torch.bfloat16, enabled=precision == "bf16"):
+            expected = module(batch)
+        got = run(graph, batch)
+    except Exception:
+        return None
+    if got.dtype != expected.dtype or got.shape != expected.shape:
+        return None
+    return graph if torch.allclose(got.float(), expected.float(), rtol=1e-3, atol=1e-3) else None
+
+
+@contextlib.contextmanager
+def _autocast_recorded(device: str, enabled: bool):
+    """bf16 autocast for a trace, whose casts the trace records (``traced_graph``)."""
+    import torch
+
+    if not enabled:
+        yield
+        return
+    jit_autocast = torch._C._jit_set_autocast_mode(False)  # returns the mode it replaces
+    try:
+        with torch.autocast(device, dtype=torch.bfloat16, cache_enabled=False):
+            yield
+    finally:
+        torch._C._jit_set_autocast_mode(jit_autocast)
 
 
 def run(graph, batch):

@@ -106,13 +106,16 @@ def pick_device(prefer_gpu: bool = True) -> str:
 
 
 class Classifier:
-    """A model ready for uint8 batches: normalisation, layout, precision and the CPU fast path handled here.
+    """A model ready for uint8 batches: normalisation, layout, precision and the fast paths handled here.
 
     On a CPU in fp32 the network runs as a frozen TorchScript graph (batch norm folded into the
     convolutions, fused ops) on micro-batches of a few images: activations that stay in cache make
-    small batches 2-3× faster per image than large ones on a small CPU. The graph is used only if it
-    reproduces the eager network's logits on the first micro-batch (otherwise the eager module runs),
-    and then kept on disk (``graphs``) so that later runs load it instead of building the network.
+    small batches 2-3× faster per image than large ones on a small CPU. On a GPU (and in bf16) it runs
+    as a traced graph of the same operations, autocast's casts included, on whole batches. Either graph
+    is used only if it reproduces the eager network's logits on the first batch it can be checked on
+    (otherwise the eager module runs), and is then kept on disk (``graphs``) so that later runs load it
+    with torch alone instead of importing the network's code and building it: on a GPU worker, the
+    import of torchvision (and of ``torch._dynamo``, which it imports) took 5.2 s on the H100 machines.
     ``fast_path=False`` runs the eager network on whole batches (the reference it is measured against).
     """
 
@@ -134,13 +137,14 @@ class Classifier:
             self.categories = info.categories
             self.preprocessing = info.preprocessing
             self.device = device or pick_device()
+            self.device_type = torch.device(self.device).type
             self.precision = resolve_precision(precision, self.device, spec.name)
-            on_cpu = fast_path and self.device == "cpu"
+            on_cpu = fast_path and self.device_type == "cpu"
             self.micro_batch = cpu_micro_batch(torch.get_num_threads()) if on_cpu else None
-            traced = on_cpu and self.precision == "fp32"
-            self.graph_path = graphs.graph_path(info, self.micro_batch) if traced else None
-            self.graph = graphs.load(self.graph_path) if traced else None
-            self.graph_checked = self.graph is not None or not traced
+            self.frozen = on_cpu and self.precision == "fp32"  # else traced with autocast's casts (``graphs.traced_graph``)
+            self.graph_path = graphs.graph_path(info, self.micro_batch, self.device, self.precision) if fast_path else None
+            self.graph = graphs.load(self.graph_path, self.device) if fast_path else None
+            self.graph_checked = self.graph is not None or not fast_path
             self.checking = threading.Lock()
             # A kept graph is the whole network: without it torch alone is imported, not timm or torchvision.
             self.module = None if self.graph is not None else load_module(spec, self.device).to(memory_format=torch.channels_last)
@@ -163,14 +167,14 @@ class Classifier:
     def probabilities_of(self, batch):
         import torch
 
-        with torch.inference_mode(), torch.autocast(self.device, dtype=torch.bfloat16, enabled=self.precision == "bf16"):
+        with torch.inference_mode():
             if self.micro_batch is None:
-                logits = self.module(self.normalised(batch))
+                logits = self.forward(self.normalised(batch))
             else:
                 # Each micro-batch is normalised just before its forward pass, in one multiply-add, and is still
                 # in cache when the network reads it: normalising the whole 64-image batch first (38.5 MB of floats,
                 # three passes) made two single-threaded processes side by side 4-5 % slower per image (efficientnet_lite0).
-                logits = torch.cat([self.forward_cpu(self.normalised(chunk)) for chunk in batch.split(self.micro_batch)])
+                logits = torch.cat([self.forward(self.normalised(chunk)) for chunk in batch.split(self.micro_batch)])
         return torch.softmax(logits.float(), dim=1)
 
     def normalised(self, pixels):
@@ -207,28 +211,45 @@ class Classifier:
             subset = probabilities[:, list(label_set)] if label_set else probabilities[:, :0]
             return indices.cpu().numpy(), scores.cpu().numpy(), subset.cpu().numpy()
 
-    def forward_cpu(self, chunk):
-        """One micro-batch through the frozen graph, padded to the traced shape so the graph never sees another."""
+    def forward(self, inputs):
+        """Logits of a normalised batch (a micro-batch on a CPU) from the kept graph, else the eager network.
+        A micro-batch is padded to the frozen graph's shape, so that the graph never sees another."""
         import torch
 
         if not self.graph_checked:
             # The dashboard shares one Classifier between sessions: until the graph is built and checked,
             # calls take turns, so it is built once and the network is never dropped under another call.
             with self.checking:
-                if not self.graph_checked and len(chunk) == self.micro_batch:
-                    self.graph = graphs.frozen_graph(self.module, chunk)
+                if not self.graph_checked and self.can_check(inputs):
+                    self.graph = (
+                        graphs.frozen_graph(self.module, inputs)
+                        if self.frozen
+                        else graphs.traced_graph(self.module, inputs, self.precision)
+                    )
                     if self.graph is not None:
                         graphs.keep(self.graph, self.graph_path)
-                        self.module = None  # the frozen graph holds its own folded weights: do not hold two copies
+                        self.module = None  # the graph holds the weights (a frozen one, folded): do not hold two copies
                     self.graph_checked = True
-                if self.graph is None:  # not checked yet (a short chunk), or no usable graph
-                    return self.module(chunk)
+                if self.graph is None:  # not checked yet (a short batch), or no usable graph
+                    return self.eager(inputs)
         elif self.graph is None:
-            return self.module(chunk)
-        short = self.micro_batch - len(chunk)
+            return self.eager(inputs)
+        if self.micro_batch is None:
+            return graphs.run(self.graph, inputs)
+        short = self.micro_batch - len(inputs)
         if short:
-            chunk = torch.cat([chunk, chunk[-1:].expand(short, -1, -1, -1)]).contiguous(memory_format=torch.channels_last)
-        return graphs.run(self.graph, chunk)[: self.micro_batch - short]
+            inputs = torch.cat([inputs, inputs[-1:].expand(short, -1, -1, -1)]).contiguous(memory_format=torch.channels_last)
+        return graphs.run(self.graph, inputs)[: self.micro_batch - short]
+
+    def can_check(self, inputs) -> bool:
+        """A graph is checked on a whole micro-batch, or on a batch of more than the two images it is traced on."""
+        return len(inputs) == self.micro_batch if self.micro_batch else len(inputs) > 2
+
+    def eager(self, inputs):
+        import torch
+
+        with torch.autocast(self.device_type, dtype=torch.bfloat16, enabled=self.precision == "bf16"):
+            return self.module(inputs)
 
 
 def cpu_micro_batch(threads: int) -> int:

@@ -71,12 +71,15 @@ def test_a_kept_graph_spares_the_actor_timm_and_torchvision(cache):
     assert result.stdout.split() == ["True", "False", "False"], result.stderr
 
 
-def test_the_key_follows_the_weights_file_and_the_micro_batch(tmp_path):
+def test_the_key_follows_the_weights_file_the_micro_batch_the_device_and_the_precision(tmp_path):
     weights = tmp_path / "weights.pth"
     weights.write_bytes(b"weights")
     info = replace(describe(parse_model(DEFAULT_MODEL)), weights_path=str(weights))
     path = graphs.graph_path(info, 4)
-    assert path == graphs.graph_path(info, 4) != graphs.graph_path(info, 2)
+    assert path == graphs.graph_path(info, 4, "cpu", "fp32") != graphs.graph_path(info, 2)
+    others = {graphs.graph_path(info, 4, "cpu", "bf16"), *(graphs.graph_path(info, None, "cuda", p) for p in ("bf16", "fp32"))}
+    assert len(others) == 3 and path not in others
+    assert graphs.graph_path(info, None, "cuda:1", "bf16") == graphs.graph_path(info, None, "cuda", "bf16")  # one graph for every GPU
     stat = weights.stat()
     os.utime(weights, ns=(stat.st_atime_ns, stat.st_mtime_ns + 1_000_000_000))  # retrained, saved under the same name
     assert graphs.graph_path(info, 4) != path
@@ -115,10 +118,42 @@ class Untraceable(torch.nn.Module):
         return {"logits": x.mean(dim=(2, 3)), "shape": list(x.shape)}
 
 
+class KeepsItsExamplesBatch(torch.nn.Module):
+    """Traced on two images, answers two images whatever it is given."""
+
+    def forward(self, x):
+        return x.mean(dim=(2, 3))[: int(x.shape[0])]
+
+
 @pytest.mark.parametrize("module", [Noisy(), Untraceable()])
 def test_a_graph_that_fails_or_disagrees_is_not_used(module):
     with torch.inference_mode():
         assert graphs.frozen_graph(module.eval(), torch.ones(2, 3, 8, 8)) is None
+        assert graphs.traced_graph(module.eval(), torch.ones(3, 3, 8, 8), "fp32") is None
+
+
+def test_a_traced_graph_that_kept_its_examples_batch_size_is_not_used():
+    with torch.inference_mode():
+        assert graphs.traced_graph(KeepsItsExamplesBatch(), torch.rand(5, 3, 8, 8), "fp32") is None
+        assert graphs.traced_graph(KeepsItsExamplesBatch(), torch.rand(2, 3, 8, 8), "fp32") is not None  # nothing to tell it by
+
+
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+def test_a_traced_graph_answers_batches_of_any_size_like_the_network(precision):
+    """What a GPU worker runs (on a CPU here): autocast's casts are in the graph, which runs without autocast."""
+    torch.manual_seed(0)
+    layers = torch.nn.Conv2d(3, 8, 3), torch.nn.BatchNorm2d(8), torch.nn.ReLU(), torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten()
+    network = torch.nn.Sequential(*layers, torch.nn.Linear(8, 4)).eval()
+    with torch.inference_mode():
+        graph = graphs.traced_graph(network, torch.rand(6, 3, 16, 16), precision)
+        assert graph is not None
+        for size in (1, 2, 9):
+            x = torch.rand(size, 3, 16, 16)
+            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision == "bf16"):
+                expected = network(x)
+            got = graphs.run(graph, x)
+            assert got.dtype == (torch.bfloat16 if precision == "bf16" else torch.float32) and torch.equal(got, expected)
+        assert not torch.is_autocast_enabled("cpu") and torch._C._jit_set_autocast_mode(True)  # both left as they were
 
 
 def test_every_convolution_of_a_kept_graph_calls_onednn_and_answers_like_the_network(cache):

@@ -13,6 +13,7 @@ import pytest
 import torch
 import torchvision
 
+from pipeline.cache import CACHE_ENV
 from pipeline.errors import UserError
 from pipeline.inference import (
     ACTORS_PER_GPU,
@@ -252,10 +253,35 @@ def test_a_turn_on_a_shared_device_is_held_for_the_forward_pass_only():
     assert np.array_equal(indices, reference[0]) and np.array_equal(scores, reference[1])
 
 
-def test_bf16_on_cpu_keeps_the_eager_network():
-    classifier = Classifier(parse_model(DEFAULT_MODEL), device="cpu", precision="bf16", threads=2)
-    classifier.probabilities(sample_crops(4, classifier.preprocessing))
-    assert classifier.graph is None
+def test_bf16_on_cpu_runs_a_traced_graph_that_answers_like_autocast_to_the_bit():
+    """Not frozen (folding batch norm into bf16 convolutions would change the answers): traced with
+    autocast's casts recorded, micro-batches padded as the frozen graph's are."""
+    spec = parse_model(DEFAULT_MODEL)
+    classifier = Classifier(spec, device="cpu", precision="bf16", threads=2)
+    crops = sample_crops(7, classifier.preprocessing)  # a whole micro-batch, then a padded short one
+    fast = classifier.probabilities(crops)
+    assert isinstance(classifier.graph, torch.jit.ScriptModule) and classifier.module is None
+    assert classifier.graph.inlined_graph.findAllNodes("aten::to")  # the casts to bf16 are the graph's own
+    eager = Classifier(spec, device="cpu", precision="bf16", fast_path=False).probabilities(crops)
+    assert torch.equal(fast, eager)
+    fp32 = Classifier(spec, device="cpu", precision="fp32", fast_path=False).probabilities(crops)
+    assert not torch.equal(fast, fp32)  # it does run in bf16
+
+
+def test_whole_batches_as_a_gpu_runs_them_check_the_graph_on_the_first_batch_of_more_than_two(tmp_path, monkeypatch):
+    """A GPU's path (whole batches, any size) on this CPU: the graph is traced on two images, so it is checked
+    on a bigger batch; the eager network answers until then."""
+    monkeypatch.setenv(CACHE_ENV, str(tmp_path))  # nothing kept yet
+    spec = parse_model(DEFAULT_MODEL)
+    classifier = Classifier(spec, device="cpu", precision="bf16", threads=2)
+    classifier.micro_batch = None  # as on a GPU
+    crops = sample_crops(6, classifier.preprocessing)
+    eager = Classifier(spec, device="cpu", precision="bf16", fast_path=False)
+    assert torch.equal(classifier.probabilities(crops[:2]), eager.probabilities(crops[:2]))
+    assert classifier.graph is None and not classifier.graph_checked
+    assert torch.equal(classifier.probabilities(crops[:5]), eager.probabilities(crops[:5]))
+    assert classifier.graph is not None and classifier.module is None and classifier.graph_path.is_file()
+    assert torch.equal(classifier.probabilities(crops), eager.probabilities(crops))  # another size, from the graph
 
 
 needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (none here)")
@@ -267,12 +293,28 @@ def test_gpu_classifier_answers_like_the_cpu():
     crops = sample_crops(64, describe(spec).preprocessing)
     cpu = Classifier(spec, device="cpu", precision="fp32", fast_path=False).probabilities(crops)
     gpu = Classifier(spec, device="cuda", precision="bf16")
-    assert gpu.micro_batch is None and gpu.graph is None
+    assert gpu.micro_batch is None
     fast = gpu.probabilities(crops)
     exact = Classifier(spec, device="cuda").probabilities(crops).cpu()  # auto: fp32 for this model
     assert fast.shape == (64, 1000) and torch.allclose(fast.sum(1).cpu(), torch.ones(64), atol=1e-3)
     assert (exact.argmax(1) == cpu.argmax(1)).float().mean() >= 0.98
     assert (fast.argmax(1).cpu() == cpu.argmax(1)).float().mean() >= 0.95
+
+
+@needs_cuda
+@pytest.mark.parametrize("precision", ["bf16", "fp32"])
+def test_a_gpu_worker_keeps_a_traced_graph_and_the_next_one_loads_it_with_the_same_answers(precision):
+    """What spares a GPU worker torchvision's import (and torch._dynamo's): the graph holds the whole network."""
+    spec = parse_model(DEFAULT_MODEL)
+    crops = sample_crops(48, describe(spec).preprocessing)
+    first = Classifier(spec, device="cuda", precision=precision)
+    built = first.probabilities(crops)
+    assert isinstance(first.graph, torch.jit.ScriptModule) and first.graph_path.is_file(), "no graph kept on the GPU"
+    second = Classifier(spec, device="cuda", precision=precision)
+    assert second.module is None and isinstance(second.graph, torch.jit.ScriptModule)
+    eager = Classifier(spec, device="cuda", precision=precision, fast_path=False).probabilities(crops)
+    assert torch.allclose(second.probabilities(crops), eager, atol=1e-3) and torch.allclose(built, eager, atol=1e-3)
+    assert torch.allclose(second.probabilities(crops[:5]), eager[:5], atol=1e-3)  # a batch of another size
 
 
 @needs_cuda
