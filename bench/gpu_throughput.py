@@ -1,16 +1,17 @@
 """The GPU path, measured on one CUDA GPU: ResNet-152 (by default) end to end against the model's limit.
 
-(b)  ``python -m pipeline run`` as a user types it, with the defaults it picks on a GPU (two actors
-     sharing it, bf16 + channels_last, batches of 512, decoding in CPU tasks that overlap inference);
-     also (b2) one actor holding the whole GPU (``--num-gpus 1``) and (b3) three sharing it (``--concurrency 3``),
-     and (bl) the same on local worker processes instead of Ray (``--engine local``: two workers share the
-     GPU, each with its share of the CPUs in processes that decode its batches)
+(bl) ``python -m pipeline run`` as a user types it on one GPU machine (``auto``: local worker processes for
+     up to 500,000 images; ``--engine local`` here, whatever the size): two workers share the GPU, each with
+     its share of the CPUs in processes that decode its batches, bf16 + channels_last, batches of 512
+(b)  the same on Ray Data (``--engine ray``: what a cluster runs, and ``auto`` past 500,000 images), with
+     the defaults it picks on a GPU (two actors sharing it, decoding in CPU tasks that overlap inference);
+     also (b2) one actor holding the whole GPU (``--num-gpus 1``) and (b3) three sharing it (``--concurrency 3``)
 (c)  the forward pass as the actor runs it (uint8 crops in host memory → GPU → normalise → top-k),
      and the model alone on a batch already on the GPU (the card's limit)
 (d)  a plain PyTorch DataLoader loop on the same GPU, one decoding worker per spare CPU
 (a)  Ray's tutorial pipeline as written (row-wise ``map``, fp32, batch 720, one GPU actor)
 
-Whole processes for (a), (b), (d), start-up included; for (b) also its steady rate, read off the
+Whole processes for (a), (b), (bl), (d), start-up included; for (b) and (bl) also their steady rate, read off the
 run's manifest (counts against time once the first predictions are in). The folder is repeated
 (hard links) to ``--images``. The CUDA path's numbers are checked too: top-1 of fp32 on the GPU
 against fp32 on the CPU, and of the default bf16 against fp32, with real (embedded) weights.
@@ -165,7 +166,8 @@ def main() -> None:
             ray_init = f"a fresh process through ray.init {seconds:.1f} s; "
         first = f"to a first GPU prediction {cold:.1f} s building the network, {kept:.1f} s from its kept graph"
         print(f"start-up: {ray_init}{first}", flush=True)
-    for name, extra in (("b", ()), ("b2", ("--num-gpus", "1")), ("b3", ("--concurrency", "3")), ("bl", ("--engine", "local"))):
+    ray_runs = (("b", ()), ("b2", ("--num-gpus", "1")), ("b3", ("--concurrency", "3")))
+    for name, extra in (*((name, ("--engine", "ray", *extra)) for name, extra in ray_runs), ("bl", ("--engine", "local"))):
         if name not in skip:
             result = timed_project_run(str(data), args.model, work, env, f"bench-{name}", *extra, track_pss=True)
             r[name], r[f"{name}_steady"] = result["whole"], result["steady"]

@@ -9,7 +9,7 @@ from pages import widgets
 from pipeline import charts, launcher, metrics, runs
 from pipeline.cluster import LOCAL
 from pipeline.errors import UserError
-from pipeline.runner import LOCAL_MAX_IMAGES, MAX_TOPK, RunRequest
+from pipeline.runner import LOCAL_MAX_IMAGES, LOCAL_MAX_IMAGES_ON_GPUS, MAX_TOPK, RunRequest
 from pipeline.runs import ENGINES, format_duration
 
 ENGINE_LABELS = {
@@ -74,7 +74,7 @@ with st.form("launch"):
         format_func=ENGINE_LABELS.get,
         help=(
             f"Local worker processes skip Ray's start-up (seconds): auto uses them for up to {LOCAL_MAX_IMAGES:,} images "
-            "on this machine, on its CPUs or GPUs, and Ray Data for bigger runs and clusters."
+            f"on this machine's CPUs and {LOCAL_MAX_IMAGES_ON_GPUS:,} on its GPUs, and Ray Data for bigger runs and clusters."
         ),
     )
     topk = c6.number_input(

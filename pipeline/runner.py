@@ -38,12 +38,17 @@ from .models import ModelInfo, ModelSpec, describe, ensure_weights
 from .runs import ENGINES, Accuracy, Counts, Manifest, RunParams, RunWriter
 from .sources import SAMPLE_DATA, Listing, Source, list_images, open_source, redact_uri, require_exists
 
-# ``auto`` runs up to this many images on this machine in local worker processes (``local``), where Ray's
-# start would be a large part of the run: on 2 cores, first predictions 4.4 s later, in an ~18-s run of
-# Imagenette's 3,925 images; on an H100 machine (ResNet-152), 19–28 s to Ray's first predictions against
-# 9.7 s, where 20,000 images then take ~4 s. Bigger runs take the path a cluster's run takes, Ray Data,
-# whose start is then under ~8 % of the run even for the fastest model here on CPUs.
+# ``auto`` runs up to this many images on this machine's CPUs in local worker processes (``local``), where
+# Ray's start would be a large part of the run: on 2 cores, first predictions 4.4 s later, in an ~18-s run
+# of Imagenette's 3,925 images. Bigger runs take the path a cluster's run takes, Ray Data, whose start is
+# then under ~8 % of the run even for the fastest model here on CPUs.
 LOCAL_MAX_IMAGES = 20_000
+# ... and up to this many on its GPUs. On the H100 machines (ResNet-152) Ray's first predictions came 19–28 s
+# after the command, the local workers' 9.7 s; steady, the local workers ran 4,688 img/s and Ray Data
+# 3,800–5,072 on other days' H100s. Even at Ray's best rate, its start costs more than that rate gains below
+# 580,000–1,130,000 images (as its start takes 19 or 28 s): 200,000 took 53.1 s on local workers, and would
+# take 58–67 s on Ray.
+LOCAL_MAX_IMAGES_ON_GPUS = 500_000
 MAX_TOPK = 20  # classes a run may keep per image
 
 
@@ -110,11 +115,17 @@ def check_engine(engine: str, address: str | None, num_gpus: float | None) -> No
 
 
 def engine_for(engine: str, address: str | None, num_gpus: float | None, images: int) -> str:
-    """``ray`` or ``local`` for a run of ``images``: ``auto`` is local for small runs on this machine, on its
-    CPUs or its GPUs (GPUs asked for where it has none: Ray says so)."""
+    """``ray`` or ``local`` for a run of ``images``: ``auto`` is local for runs on this machine, on its CPUs
+    or its GPUs, up to a size that depends on which (GPUs asked for where it has none: Ray says so)."""
     if engine != "auto":
         return engine
-    return "local" if local.can_run(address, bool(num_gpus)) and images <= LOCAL_MAX_IMAGES else "ray"
+    return "local" if local.can_run(address, bool(num_gpus)) and images <= local_max_images(num_gpus) else "ray"
+
+
+def local_max_images(num_gpus: float | None) -> int:
+    """The largest run ``auto`` gives local workers: more on this machine's GPUs than on its CPUs."""
+    on_gpus = num_gpus != 0 and local.has_gpu()  # ``--num-gpus 0`` keeps a run on the CPUs
+    return LOCAL_MAX_IMAGES_ON_GPUS if on_gpus else LOCAL_MAX_IMAGES
 
 
 def resources_for(engine: str, address: str | None) -> cluster.ClusterInfo:

@@ -108,6 +108,19 @@ def test_the_engine_follows_the_address_gpus_and_size():
     assert engine_for("ray", None, 0.0, 1) == "ray" and engine_for("local", None, None, 10**6) == "local"
 
 
+@pytest.mark.parametrize("gpus_here", [True, False])
+def test_auto_gives_local_workers_bigger_runs_on_this_machines_gpus(monkeypatch, gpus_here):
+    """Ray's start (19-28 s on the H100 machines, against 9.7 s) outweighs its best steady rate below 580,000 images."""
+    monkeypatch.setattr(local, "has_gpu", lambda: gpus_here)
+    on_gpus = runner.LOCAL_MAX_IMAGES_ON_GPUS
+    assert on_gpus > runner.LOCAL_MAX_IMAGES
+    assert engine_for("auto", None, None, on_gpus) == ("local" if gpus_here else "ray")
+    assert engine_for("auto", None, 0.5, on_gpus) == ("local" if gpus_here else "ray")
+    assert engine_for("auto", None, None, on_gpus + 1) == "ray"
+    assert engine_for("auto", None, 0.0, runner.LOCAL_MAX_IMAGES + 1) == "ray"  # kept on the CPUs
+    assert engine_for("auto", "10.0.0.5:6379", None, 100) == "ray"  # a cluster's GPUs are Ray's
+
+
 def test_a_dead_owner_process_reads_as_interrupted_and_can_be_resumed(small_folder, tmp_path):
     path, _ = start(RunRequest(data=str(small_folder), out=str(tmp_path)))
     dead = subprocess.Popen([sys.executable, "-c", "pass"])
