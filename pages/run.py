@@ -191,6 +191,7 @@ def runs_table() -> None:
                 "top-1": manifest.accuracy.top1,
                 "duration": format_duration(manifest.elapsed_s),
                 "img/s": manifest.images_per_s,
+                "ran on": manifest.device,  # engine, workers or actors, precision, batch: what sets img/s
                 "started": manifest.created_at.replace("T", " ")[:19],
                 "analytics": f"/analytics?run={manifest.run_id}",
                 "folder": str(Path(path)),

@@ -62,6 +62,7 @@ def write_run(runs_dir, run_id="20260101-000000-demo", status="complete", wrong_
         RunParams(64, None, None, None, None, None),
         status=status,
         counts=Counts(inputs=31, predicted=30, failed=1),
+        device="2× CPU worker process(es), fp32, batch 64, on this machine, without Ray",
     )
     manifest.claim()
     runs.write_manifest(path, manifest)
@@ -161,6 +162,7 @@ def test_run_page_disables_gpus_without_a_gpu_and_lists_runs(runs_dir):
     at.run()
     table = [element for element in at.main if type(element).__name__ == "Dataframe"][-1].value.set_index("run")
     assert table.loc["20260101-000001-synthetic", "top-1"] == pytest.approx(synthetic.accuracy.top1 * 100)
+    assert table.loc["20260101-000000-demo", "ran on"].startswith("2× CPU worker process(es), fp32")  # what its img/s came from
     assert table["top-1"].isna().sum() == 1  # the demo run has no ground truth
 
 
