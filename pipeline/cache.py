@@ -1,9 +1,9 @@
 """This project's on-disk cache: things derived once from installed packages and kept between runs.
 
-Frozen graphs (``graphs``) and torchvision's model catalogue (``catalogue``) live in
+Kept graphs (``graphs``) and torchvision's model catalogue (``catalogue``) live in
 ``~/.cache/batch-classify/graphs/`` (or under ``$XDG_CACHE_HOME``); ``PIPELINE_GRAPH_CACHE`` moves the
-folder, and deleting it rebuilds everything. Entries are written atomically and a read-only disk
-means no cache, never a failure.
+folder, and deleting it rebuilds everything; graphs past ``graphs.MAX_KEPT_BYTES`` go, the least recently
+used first. Entries are written atomically and a read-only disk means no cache, never a failure.
 """
 
 from __future__ import annotations

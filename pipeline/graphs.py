@@ -4,12 +4,13 @@ Building a network needs its Python code first (torchvision imports ``torch._dyn
 imports torchvision: ~1 s on 2 cores, 5.2 s on the H100 machines' CPUs), on the critical path of every
 run's model actor. Loading a kept graph needs only torch and takes a tenth of a second. Two kinds:
 on a CPU in fp32, the network traced and frozen for the micro-batch it runs (``frozen_graph``); on a
-GPU, or in bf16, the network traced with autocast's casts recorded, for batches of any size
+GPU (whole batches of any size), or in bf16, the network traced with autocast's casts recorded
 (``traced_graph``), giving the eager network's answers to the bit. A graph is kept only after it
 reproduced the eager network's logits, under a key naming everything that shapes it: the model, its
 weights file (path, size, modification time), the micro-batch and crop, the device and precision, the
 torch/torchvision/timm versions, the CPU's instruction set and this project's way of building graphs
 (``GRAPH_FORMAT``). Set ``PIPELINE_GRAPH_CACHE`` to move the folder; delete it to rebuild every graph.
+Past ``MAX_KEPT_BYTES`` of graphs, the least recently used are deleted.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ import functools
 import hashlib
 import json
 import math
+import os
 import re
 import sys
 import warnings
@@ -29,6 +31,9 @@ from .cache import cache_dir, package_version, write_atomically
 from .models import ModelInfo
 
 GRAPH_FORMAT = 4  # bump whenever this project changes how a network is built, wrapped or traced
+# Graphs kept in all, at most: past it, the least recently used go (resnet152's is 242 MB, vit_h_14's 2.5 GB;
+# each model has one per micro-batch size, device kind and precision it ran with).
+MAX_KEPT_BYTES = 4 * 1024**3
 
 
 def graph_path(info: ModelInfo, micro_batch: int | None, device: str = "cpu", precision: str = "fp32") -> Path | None:
@@ -64,9 +69,12 @@ def load(path: Path | None, device: str = "cpu"):
         return None
     try:
         with _jit_quietly():
-            return torch.jit.load(str(path), map_location=device)
+            graph = torch.jit.load(str(path), map_location=device)
     except Exception:
         return None
+    with contextlib.suppress(OSError):  # a read-only cache keeps no order of use
+        os.utime(path)  # used now: the last to go (``_forget_least_recently_used``)
+    return graph
 
 
 def keep(graph, path: Path | None) -> None:
@@ -79,6 +87,19 @@ def keep(graph, path: Path | None) -> None:
 
     if path is not None:
         write_atomically(path, save)
+        _forget_least_recently_used(path, MAX_KEPT_BYTES)
+
+
+def _forget_least_recently_used(kept: Path, budget: int) -> None:
+    """Delete the graphs used longest ago until those left, ``kept`` included, fit in ``budget`` bytes:
+    every new model, device or precision keeps one more, and nothing else would ever free the disk."""
+    with contextlib.suppress(OSError):
+        others = [p for p in kept.parent.glob("*.pt") if p != kept and not p.name.startswith(".")]  # not a file being written
+        total = kept.stat().st_size
+        for path in sorted(others, key=lambda p: p.stat().st_mtime_ns, reverse=True):
+            total += path.stat().st_size
+            if total > budget:
+                path.unlink(missing_ok=True)
 
 
 def frozen_graph(module, example):

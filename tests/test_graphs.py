@@ -86,6 +86,24 @@ def test_the_key_follows_the_weights_file_the_micro_batch_the_device_and_the_pre
     assert graphs.graph_path(replace(info, weights_path=str(tmp_path / "absent.pth")), 4) is None
 
 
+def test_past_its_budget_the_cache_forgets_the_graphs_used_longest_ago(cache, monkeypatch):
+    cache.mkdir()
+    network = torch.nn.Conv2d(3, 4, 1).eval()
+    with torch.inference_mode():
+        graph = graphs.frozen_graph(network, torch.rand(2, 3, 8, 8))
+    for age, name in enumerate(["newest.pt", "recent.pt", "old.pt", "oldest.pt"]):
+        graphs.keep(graph, cache / name)
+        os.utime(cache / name, (1e9 - age * 1000, 1e9 - age * 1000))
+    size = (cache / "newest.pt").stat().st_size
+    (cache / ".partial-x.pt").write_bytes(b"a graph being written")
+    (cache / "torchvision-0.29.1-catalogue-1.json").write_text("{}")
+    assert graphs.load(cache / "oldest.pt") is not None  # used now: the last to go
+    monkeypatch.setattr(graphs, "MAX_KEPT_BYTES", 3 * size)
+    graphs.keep(graph, cache / "new.pt")
+    left = {p.name for p in cache.iterdir()}
+    assert left == {"new.pt", "oldest.pt", "newest.pt", ".partial-x.pt", "torchvision-0.29.1-catalogue-1.json"}
+
+
 def test_an_unreadable_kept_graph_is_rebuilt(cache):
     path = fast_classifier().graph_path
     path.parent.mkdir(parents=True)
