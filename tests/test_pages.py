@@ -156,6 +156,8 @@ def test_run_page_disables_gpus_without_a_gpu_and_lists_runs(runs_dir):
     assert gpus.disabled and gpus.value is None and gpus.placeholder == "no GPU"
     engine = next(s for s in at.selectbox if s.label == "Engine")
     assert engine.value == "auto" and engine.options[0].startswith("auto: local processes")
+    precision = next(s for s in at.selectbox if s.label == "Precision")
+    assert precision.value == "auto" and precision.options == ["auto", "fp32", "bf16"]
     table = [element for element in at.main if type(element).__name__ == "Dataframe"][-1].value
     assert list(table["run"]) == ["20260101-000000-demo"] and table["status"][0] == "complete"
     synthetic = runs.read_manifest(write_synthetic_run(runs_dir, 100, "20260101-000001-synthetic"))

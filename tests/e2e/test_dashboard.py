@@ -201,6 +201,8 @@ def test_run_survives_closing_the_page_and_restarting_the_server(browser, runs_d
     # On Ray: local worker processes would finish 40 images within seconds, before the server restarts.
     page.locator('[data-testid="stSelectbox"]').filter(has_text="Engine").click()
     page.get_by_role("option", name="Ray Data", exact=True).click()
+    page.locator('[data-testid="stSelectbox"]').filter(has_text="Precision").click()
+    page.get_by_role("option", name="bf16", exact=True).click()
     page.get_by_role("button", name="Start run").click()
     page.get_by_text("images (").first.wait_for(timeout=120_000)  # live progress bar text
     page.get_by_text("No runs in").wait_for(state="detached", timeout=30_000)  # the runs table picks it up
@@ -215,7 +217,7 @@ def test_run_survives_closing_the_page_and_restarting_the_server(browser, runs_d
         wait_idle(page)
         assert_no_exception(page, "run-complete")
         text = page.locator('[data-testid="stMain"]').inner_text()
-        assert "40 / 40 images" in text and "CPU actor(s), fp32, batch 64, on Ray (local)" in text
+        assert "40 / 40 images" in text and "CPU actor(s), bf16, batch 64, on Ray (local)" in text  # as asked
         run_ids = [p.name for p in runs_dir.iterdir() if (p / "manifest.json").is_file()]
         assert len(run_ids) == 1
         page.close()
