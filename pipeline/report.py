@@ -20,6 +20,10 @@ from .preprocess import thumbnail_jpeg
 from .sources import Source, open_source
 
 EXAMPLES = 12
+# The report's charts are drawn with this template whatever process builds them: Streamlit sets plotly's
+# default to its own, which leaves axes without automatic margins, and a report exported from the dashboard
+# had its class names cut to their last letters.
+TEMPLATE = "plotly_white"
 STYLE = """
 body { font-family: system-ui, -apple-system, "Segoe UI", sans-serif; margin: 2rem auto; max-width: 1200px; color: #1f2933; }
 body { padding: 0 1rem; }
@@ -117,7 +121,9 @@ def build_report(path: str | Path, predictions: metrics.Predictions | None = Non
     if errors.num_rows:
         sections.append(f"<h2>Failed images ({errors.num_rows:,})</h2>" + _table(errors.slice(0, 100).to_pandas()))
     plots = [
-        figure.to_html(full_html=False, include_plotlyjs="inline" if i == 0 else False, config={"displaylogo": False, "responsive": True})
+        figure.update_layout(template=TEMPLATE).to_html(
+            full_html=False, include_plotlyjs="inline" if i == 0 else False, config={"displaylogo": False, "responsive": True}
+        )
         for i, figure in enumerate(figures)
     ]
     meta = (

@@ -1,10 +1,12 @@
 """The HTML report and the exports, on a real run of real images."""
 
 import io
+import json
 import re
 import shutil
 
 import numpy as np
+import plotly.io as pio
 import pyarrow.csv as pa_csv
 import pyarrow.parquet as pq
 import pytest
@@ -31,6 +33,17 @@ def test_report_is_self_contained_and_carries_the_runs_numbers(real_run):
     assert f"{manifest.accuracy.top1:.1%}" in html and f"{manifest.accuracy.label_set_top1:.1%}" in html
     assert f"<b>{manifest.accuracy.top5:.1%}</b><span>Top-3</span>" in html and "Top-5" not in html
     assert "Per class" in html and "Most confused pairs" in html and "Reliability" in html
+
+
+def test_report_draws_its_charts_alike_whatever_plotlys_default_template(real_run, monkeypatch):
+    """The dashboard's server has Streamlit's template as plotly's default: no automatic margins there."""
+    monkeypatch.setattr(pio.templates, "default", "none")
+    html = report.build_report(real_run)
+    figures = re.findall(r"Plotly\.newPlot\(\s*\"[^\"]+\",\s*(\[.*?\]),\s*(\{.*?\}),\s*\{\"displaylogo", html, re.S)
+    assert len(figures) == 5
+    for _, layout in figures:
+        axes = json.loads(layout)["template"]["layout"]
+        assert axes["xaxis"]["automargin"] and axes["yaxis"]["automargin"]
 
 
 def test_report_of_a_filtered_view_says_so(real_run):

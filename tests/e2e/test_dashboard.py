@@ -293,5 +293,11 @@ def test_compare_view_and_the_exported_report(browser, two_runs, tmp_path):
         " - p.parentElement.getBoundingClientRect().right)"
     )
     assert len(overflow) == 5 and max(overflow) <= 1, overflow
+    clipped = page.evaluate(  # every class name in full beside its bars (once cut to its last letters)
+        "(() => { const plot = document.querySelector('.js-plotly-plot'), left = plot.getBoundingClientRect().left;"
+        " return [...plot.querySelectorAll('.ytick text')].filter(t => t.getBoundingClientRect().left < left - 1)"
+        ".map(t => t.textContent); })()"
+    )
+    assert clipped == [], clipped
     page.screenshot(path=str(SHOTS / "report.png"), full_page=True)
     page.close()
