@@ -171,7 +171,7 @@ def body() -> None:
                 hide_index=True,
                 width="stretch",
                 column_config=PROGRESS,
-                height=min(600, 36 * len(table) + 40),
+                height=min(600, 35 * (len(table) + 1) + 3),  # the header and every row, no empty band below
             )
             st.caption("Click a column header to sort. Precision counts every labelled image predicted as the class.")
         else:
