@@ -39,6 +39,8 @@ def running_note() -> None:
 
 
 running_note()
+if note := st.session_state.pop("deleted_note", None):  # set by delete_runs before the page is drawn again
+    st.success(note)
 with st.form("launch"):
     st.markdown(f"**{settings.model_display}** on `{settings.data_display}`")
     c1, c2, c3, c4 = st.columns(4)
@@ -227,4 +229,30 @@ def runs_table() -> None:
         st.rerun()
 
 
+def delete_runs() -> None:
+    """Runs picked by hand, deleted with everything they wrote; not the running ones: their processes would write on."""
+    stopped = [m.run_id for _, m in widgets.runs_in(settings) if m.status != "running"]
+    if not stopped:
+        return
+    with st.expander("Delete runs"):
+        doomed = st.multiselect(
+            "Runs to delete",
+            stopped,
+            placeholder="Pick runs",
+            help="Their predictions, errors, inputs and manifests; this cannot be undone. Runs still running are not listed.",
+        )
+        if st.button("Delete", disabled=not doomed, key="delete-runs"):
+            try:
+                for run_id in doomed:
+                    runs.delete_run(runs.run_dir(root, run_id))
+            except UserError as error:
+                st.error(str(error))
+                return
+            if st.session_state.get("watch_run") in doomed:
+                del st.session_state["watch_run"]
+            st.session_state["deleted_note"] = f"Deleted {len(doomed)} run(s): {', '.join(doomed)}"
+            st.rerun()
+
+
 runs_table()
+delete_runs()

@@ -20,7 +20,7 @@ from pathlib import Path
 from .errors import DEBUG_ENV, UserError, one_line
 from .models import DEFAULT_MODEL, describe, parse_model, registry
 from .runner import LOCAL_MAX_IMAGES, LOCAL_MAX_IMAGES_ON_GPUS, MAX_TOPK
-from .runs import ENGINES, format_duration, list_runs
+from .runs import ENGINES, delete_run, format_duration, list_runs, read_manifest
 from .sources import SAMPLE_DATA, list_images, open_source
 
 ENGINE_HELP = (
@@ -153,6 +153,9 @@ def build_parser() -> Parser:
 
     runs = commands.add_parser("runs", help="list the runs in a runs folder")
     runs.add_argument("--out", default="runs")
+
+    delete = commands.add_parser("delete", help="delete runs: their predictions, errors, inputs and manifests")
+    delete.add_argument("run_dirs", nargs="+", metavar="run_dir")
 
     report = commands.add_parser("report", help="write a run's analytics as one self-contained HTML file")
     report.add_argument("run_dir")
@@ -383,6 +386,18 @@ def _print_changes(heading: str, names, before, after) -> None:
             print(f"  {name:<{width}}  {a:7.2%} → {b:7.2%}  ({(b - a) * 100:+.2f} pts)")
 
 
+def cmd_delete(args) -> int:
+    """Every folder named is checked before any is deleted: one that is not a run, or a run still running,
+    stops the command with nothing deleted."""
+    paths = [_existing_run(run_dir) for run_dir in args.run_dirs]
+    running = [m.run_id for m in map(read_manifest, paths) if m.status == "running"]
+    if running:
+        raise UserError(f"run {running[0]} is still running: cancel it first (nothing deleted)")
+    for path in paths:
+        print(f"deleted {delete_run(path).run_id} ({path})")
+    return 0
+
+
 def cmd_synthesize(args) -> int:
     from .synthetic import write_synthetic_run
 
@@ -404,6 +419,7 @@ COMMANDS = {
     "preview": cmd_preview,
     "models": cmd_models,
     "runs": cmd_runs,
+    "delete": cmd_delete,
     "report": cmd_report,
     "compare": cmd_compare,
     "synthesize": cmd_synthesize,

@@ -17,7 +17,6 @@ from .errors import UserError
 from .runner import RunRequest, check
 from .sources import credentials_to_environment
 
-LAUNCH_LOGS = ".launch"
 PACKAGE_ROOT = Path(__file__).resolve().parent.parent
 
 
@@ -73,7 +72,7 @@ def launch_run(request: RunRequest) -> Launch:
     for flag, value in optional.items():
         if value is not None:
             args += [flag, str(value)]
-    log = out / LAUNCH_LOGS / f"{run_id}.log"
+    log = out / runs.LAUNCH_LOGS / f"{run_id}.log"
     return Launch(run_id, _spawn(args, log, credentials), log)
 
 
@@ -82,12 +81,12 @@ def launch_resume(path: Path) -> int:
     manifest = runs.read_manifest(path)
     if manifest.status in ("running", "complete"):
         raise UserError(f"run {manifest.run_id} is {manifest.status}; only interrupted, failed or cancelled runs resume")
-    return _spawn(["resume", str(path)], path.parent / LAUNCH_LOGS / f"{manifest.run_id}.log")
+    return _spawn(["resume", str(path)], path.parent / runs.LAUNCH_LOGS / f"{manifest.run_id}.log")
 
 
 def launch_failure(out: str | Path, run_id: str) -> str | None:
     """Why a launched run never created its folder: the last line its process wrote, if it has exited."""
-    log = Path(out).expanduser().resolve() / LAUNCH_LOGS / f"{run_id}.log"
+    log = Path(out).expanduser().resolve() / runs.LAUNCH_LOGS / f"{run_id}.log"
     if not log.is_file():
         return None
     lines = [line for line in log.read_text(errors="replace").splitlines() if line.strip()]

@@ -14,6 +14,7 @@ import json
 import os
 import re
 import secrets
+import shutil
 import socket
 import time
 from collections.abc import Sequence
@@ -35,6 +36,7 @@ PREDICTIONS = "predictions"
 ERRORS = "errors.parquet"
 INPUTS = "inputs.parquet"
 CANCEL_REQUEST = "CANCEL"
+LAUNCH_LOGS = ".launch"  # RUNS_DIR/.launch/<run_id>.log: what a run started from the dashboard printed
 HEARTBEAT_TIMEOUT_S = 120.0
 RUN_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 
@@ -294,6 +296,21 @@ def list_runs(runs_dir: str | Path) -> list[tuple[Path, Manifest]]:
             except UserError:
                 continue
     return sorted(runs, key=lambda item: item[1].created_at, reverse=True)
+
+
+def delete_run(path: str | Path) -> Manifest:
+    """Delete a run: its folder (predictions, errors, inputs, manifest) and its launch log. Only a folder with
+    a run's manifest is deleted, and a run still running is refused: its process would write on."""
+    path = Path(path)
+    manifest = read_manifest(path)
+    if manifest.status == "running":
+        raise UserError(f"run {manifest.run_id} is still running: cancel it first")
+    try:
+        shutil.rmtree(path)
+    except OSError as error:
+        raise UserError(f"cannot delete run {manifest.run_id}: {error.strerror or error}") from error
+    (path.parent / LAUNCH_LOGS / f"{manifest.run_id}.log").unlink(missing_ok=True)
+    return manifest
 
 
 def prediction_parts(path: Path) -> list[Path]:

@@ -11,7 +11,7 @@ from pathlib import Path
 import psutil
 import pytest
 
-from pipeline import metrics
+from pipeline import metrics, runs
 
 from .conftest import ROOT, add_kittens, cli_env, run_cli, small_input_program
 
@@ -269,3 +269,22 @@ def test_runs_lists_every_run_as_an_aligned_table(tmp_path):
         assert json.loads((tmp_path / line.split()[0] / "manifest.json").read_text())["dataset"] in line
     end = header.index("images") + len("images")  # numbers end under their heading
     assert all(line[end - len(line.split()[2]) : end] == line.split()[2] for line in lines)
+
+
+def test_delete_removes_every_run_named_or_none_of_them(tmp_path):
+    names = ["20260101-000000-a", "20260101-000001-b", "20260101-000002-c"]
+    for run_id in names:
+        assert run_cli("synthesize", "--rows", "10", "--out", str(tmp_path), "--run-id", run_id).returncode == 0
+    running = runs.read_manifest(tmp_path / names[2])
+    running.status = "running"
+    running.claim()  # owned by this test's (live) process
+    runs.write_manifest(tmp_path / names[2], running)
+    result = run_cli("delete", str(tmp_path / names[0]), str(tmp_path / names[2]))
+    assert result.returncode == 2 and f"run {names[2]} is still running: cancel it first (nothing deleted)" in result.stderr
+    assert (tmp_path / names[0] / "manifest.json").is_file()
+    result = run_cli("delete", str(tmp_path / names[0]), str(tmp_path / names[1]))
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.splitlines() == [f"deleted {name} ({tmp_path / name})" for name in names[:2]]
+    assert sorted(p.name for p in tmp_path.iterdir()) == [names[2]]
+    result = run_cli("delete", str(tmp_path))
+    assert result.returncode == 2 and "is not a run folder" in result.stderr and (tmp_path / names[2]).is_dir()

@@ -168,6 +168,17 @@ def test_run_page_disables_gpus_without_a_gpu_and_lists_runs(runs_dir):
     assert table["top-1"].isna().sum() == 1  # the demo run has no ground truth
 
 
+def test_run_page_offers_to_delete_every_run_but_the_running_ones(runs_dir):
+    """Deleting for real is the browser test's (tests/e2e): here, what is offered."""
+    write_run(runs_dir)
+    write_synthetic_run(runs_dir, 100, "20260101-000001-synthetic")
+    write_run(runs_dir, "20260101-000002-live", status="running")  # owned by this test's live process
+    at = app("run")
+    picker = next(m for m in at.multiselect if m.label == "Runs to delete")
+    assert sorted(picker.options) == ["20260101-000000-demo", "20260101-000001-synthetic"]
+    assert next(b for b in at.button if b.label == "Delete").disabled  # nothing picked yet
+
+
 def test_analytics_shows_metrics_and_filters(runs_dir):
     run_id = write_run(runs_dir)
     at = app("analytics")

@@ -238,6 +238,20 @@ def test_run_survives_closing_the_page_and_restarting_the_server(browser, runs_d
         thumbnails = page.locator('[data-testid="stImage"] img:visible')
         assert thumbnails.count() >= 12 and thumbnails.first.evaluate("img => img.naturalWidth") > 50
         page.close()
+
+        page = open_page(browser, f"{url}/run")  # done with it: delete the run
+        wait_idle(page)
+        page.get_by_text("Delete runs").click()
+        page.wait_for_timeout(500)  # the expander opening
+        page.locator('[data-testid="stMultiSelect"]').filter(has_text="Runs to delete").click()
+        page.get_by_role("option", name=run_ids[0]).click()
+        page.keyboard.press("Escape")
+        page.get_by_role("button", name="Delete", exact=True).click()
+        page.get_by_text(f"Deleted 1 run(s): {run_ids[0]}").wait_for(timeout=30_000)
+        page.get_by_text("No runs in").wait_for(timeout=30_000)
+        assert not (runs_dir / run_ids[0]).exists() and not (runs_dir / ".launch" / f"{run_ids[0]}.log").exists()
+        assert_no_exception(page, "run-deleted")
+        page.close()
     finally:
         stop_server(process)
 
