@@ -5,7 +5,7 @@ imports torchvision: ~1 s on 2 cores, 5.2 s on the H100 machines' CPUs), on the 
 run's model actor. Loading a kept graph needs only torch and takes a tenth of a second. Two kinds:
 on a CPU in fp32, the network traced and frozen for the micro-batch it runs (``frozen_graph``); on a
 GPU (whole batches of any size), or in bf16, the network traced with autocast's casts recorded
-(``traced_graph``), giving the eager network's answers to the bit. A graph is kept only after it
+(``traced_graph``), giving the eager network's answers (to the bit on the CPUs here). A graph is kept only after it
 reproduced the eager network's logits, under a key naming everything that shapes it: the model, its
 weights file (path, size, modification time), the micro-batch and crop, the device and precision, the
 torch/torchvision/timm versions, the CPU's instruction set and this project's way of building graphs
@@ -123,7 +123,7 @@ def traced_graph(module, batch, precision: str):
     In bf16 the trace is taken under autocast, with TorchScript's own handling of autocast off, so that the
     casts autocast makes (inputs and weights to bf16 before each convolution, back to fp32 where autocast
     keeps fp32) are recorded as operations of the graph: it then runs without autocast and gives the eager
-    network's answers to the bit. A graph traced in fp32 and run under autocast would not: TorchScript
+    network's answers (to the bit on a CPU). A graph traced in fp32 and run under autocast would not: TorchScript
     records convolutions as ``aten::_convolution``, which CPU autocast leaves in fp32. Checked on a batch of
     another size than the trace's, so that a graph that kept its example's batch size is refused.
     """
