@@ -229,9 +229,9 @@ def runs_table() -> None:
         st.rerun()
 
 
-def delete_runs() -> None:
+def delete_runs(listed: list[tuple[Path, runs.Manifest]]) -> None:
     """Runs picked by hand, deleted with everything they wrote; not the running ones: their processes would write on."""
-    stopped = [m.run_id for _, m in widgets.runs_in(settings) if m.status != "running"]
+    stopped = [m.run_id for _, m in listed if m.status != "running"]
     if not stopped:
         return
     with st.expander("Delete runs"):
@@ -255,4 +255,4 @@ def delete_runs() -> None:
 
 
 runs_table()
-delete_runs()
+delete_runs(existing)  # as this run of the page read them; delete_run reads each again, and refuses one since started
