@@ -207,21 +207,22 @@ def test_gpu_workers_take_the_gpus_in_turn_and_cpu_workers_see_none():
 def test_workers_fork_with_torch_imported_by_a_server_that_paused_the_collector_meanwhile():
     """The fork server imports torch with the collector paused (``preload``): its workers inherit its count
     of collections (torch's import alone triggers hundreds), and must find the collector running again,
-    or their cycles would pile up."""
+    or their cycles would pile up; what the import made is frozen, out of every collection's way."""
     pool, _ = local._new_pool(1, [])
     try:
-        modules, enabled, collections = pool.submit(collector_state).result(timeout=120)
+        modules, enabled, collections, frozen = pool.submit(collector_state).result(timeout=120)
     finally:
         local._kill(pool)
     assert {"torch", "pipeline.inference"} <= modules
     assert enabled and collections < 300  # a script's workers: 437 with the collector running, 23 paused
+    assert frozen > 100_000  # torch's import makes ~276,000 objects
 
 
-def collector_state() -> tuple[set[str], bool, int]:
+def collector_state() -> tuple[set[str], bool, int, int]:
     import gc
 
     imported = {name for name in sys.modules if name in ("torch", "pipeline.inference")}
-    return imported, gc.isenabled(), sum(generation["collections"] for generation in gc.get_stats())
+    return imported, gc.isenabled(), sum(generation["collections"] for generation in gc.get_stats()), gc.get_freeze_count()
 
 
 def slow_environment(seconds: float) -> tuple[int, str | None]:
