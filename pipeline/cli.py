@@ -313,15 +313,15 @@ def cmd_runs(args) -> int:
     if not found:
         print(f"no runs in {args.out}", file=sys.stderr)
         return 0
-    rows = [("run", "status", "images", "top-1", "img/s", "engine", "model", "dataset", "folder")]
+    rows = [("run", "status", "images", "top-1", "img/s", "engine", "precision", "model", "dataset", "folder")]
     for path, manifest in found:
         top1 = f"{manifest.accuracy.top1:.1%}" if manifest.accuracy.top1 is not None else "-"
         images = f"{manifest.counts.done:,}/{manifest.counts.inputs:,}"
         speed = f"{manifest.images_per_s:,.1f}" if manifest.images_per_s else "-"
         model = manifest.model.get("display_name", "?")
-        # the engine tells apart speeds of one model on one machine: local workers, or Ray's start and actors
-        engine = manifest.engine or "-"
-        rows.append((manifest.run_id, manifest.status, images, top1, speed, engine, model, manifest.dataset, str(path)))
+        # what tells apart speeds of one model on one machine: local workers or Ray's start and actors, fp32 or bf16
+        engine, precision = manifest.engine or "-", manifest.precision or "-"
+        rows.append((manifest.run_id, manifest.status, images, top1, speed, engine, precision, model, manifest.dataset, str(path)))
     widths = [max(len(row[column]) for row in rows) for column in range(len(rows[0]) - 1)]
     numbers = (2, 3, 4)  # images, top-1 and img/s, right-aligned
     for row in rows:

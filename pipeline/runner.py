@@ -328,7 +328,7 @@ def execute(path: Path, on_progress: ProgressCallback | None = None, source: Sou
             info = resources_for(manifest.engine, params.address)
             work = plan(todo.num_rows, info.cpus, info.gpus, params.batch_size, params.concurrency, params.num_gpus, info.node_cpus)
             device = "cuda" if work.num_gpus else "cpu"
-            precision = resolve_precision(params.precision, device, spec.name)
+            manifest.precision = precision = resolve_precision(params.precision, device, spec.name)
             workers, place = (
                 ("worker process(es)", "on this machine, without Ray")
                 if manifest.engine == "local"

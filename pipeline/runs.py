@@ -161,6 +161,7 @@ class Manifest:
     images_per_s: float | None = None
     device: str | None = None
     engine: str | None = None  # what ran it: "ray" (Ray Data) or "local" (worker processes, pipeline.local)
+    precision: str | None = None  # what it ran in, fp32 or bf16 (``params.precision`` is what was asked: auto)
     reason: str | None = None
     pid: int | None = None
     pid_started: float | None = None

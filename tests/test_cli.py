@@ -42,6 +42,7 @@ def test_run_prints_progress_and_the_run_folder_last(small_folder, tmp_path):
     assert ray_servers() <= before, "the CLI's local Ray outlived it"
     listed = run_cli("runs", "--out", str(tmp_path / "runs")).stdout.splitlines()[1].split()
     assert listed[0] == run_dir.name and listed[5] == manifest["engine"] == "local"  # a small run on this machine's CPUs
+    assert listed[6] == manifest["precision"] == "fp32"  # auto, on CPUs
 
 
 @pytest.mark.parametrize(("engine", "worker_title"), [("ray", "ray::MapWorker"), ("local", "-c from multiprocessing.forkserver import")])
@@ -264,8 +265,9 @@ def test_runs_lists_every_run_as_an_aligned_table(tmp_path):
     result = run_cli("runs", "--out", str(tmp_path))
     assert result.returncode == 0, result.stderr
     header, *lines = result.stdout.splitlines()
-    assert header.split() == ["run", "status", "images", "top-1", "img/s", "engine", "model", "dataset", "folder"] and len(lines) == 2
-    assert all(line.split()[5] == "-" for line in lines)  # synthesized: no engine ran them
+    assert header.split() == ["run", "status", "images", "top-1", "img/s", "engine", "precision", "model", "dataset", "folder"]
+    assert len(lines) == 2
+    assert all(line.split()[5:7] == ["-", "-"] for line in lines)  # synthesized: no engine ran them
     assert {line.split()[0] for line in lines} == {"20260101-000000-small", "20260101-000001-big"}
     assert any("12,000/12,000" in line for line in lines)
     for line in lines:  # which dataset each run classified
