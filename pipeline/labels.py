@@ -115,6 +115,14 @@ def label_inputs(listing: Listing, categories: Sequence[str]) -> pa.Table:
     return pa.table({"path": paths, "ground_truth": pa.array(truths, pa.string()).take(folder_ids)})
 
 
+def dataset_classes(listing: Listing, categories: Sequence[str]) -> list[str] | None:
+    """``label_set`` of a listing's inputs, worked out once per listing and model categories."""
+    key = ("label_set", tuple(categories))
+    if key not in listing.derived:
+        listing.derived[key] = label_set(label_inputs(listing, categories), categories)
+    return listing.derived[key]
+
+
 def label_set(inputs: pa.Table, categories: Sequence[str]) -> list[str] | None:
     """The model classes the dataset's ground truth uses, in model order, when they are a real subset
     small enough to store their scores on every row (Imagenette: 10 of ImageNet's 1,000)."""

@@ -14,7 +14,7 @@ import pyarrow as pa
 from PIL import Image
 
 from .inference import Classifier
-from .labels import LabelMapper, folder_of, label_inputs, label_set
+from .labels import LabelMapper, dataset_classes, folder_of
 from .preprocess import describe_error, open_rgb, resize_crop
 from .runs import UnmatchedTruth, unmatched_truth
 from .sources import Listing
@@ -67,8 +67,8 @@ def preview(listing: Listing, classifier: Classifier, n: int = 10, seed: int = 0
     began = time.perf_counter()
     source = listing.source
     categories = classifier.categories
-    dataset_classes = label_set(label_inputs(listing, categories), categories)
-    set_indices = [categories.index(name) for name in dataset_classes or ()]
+    classes = dataset_classes(listing, categories)
+    set_indices = [categories.index(name) for name in classes or ()]
     mapper = LabelMapper(categories)
     known = set(categories)
     rows, crops = [], []
@@ -94,8 +94,8 @@ def preview(listing: Listing, classifier: Classifier, n: int = 10, seed: int = 0
         indices, scores, set_scores = classifier.top_k(np.stack(crops), k, set_indices)
         for row, idx, sc, among in zip(good, indices, scores, set_scores, strict=True):
             row.topk = [(categories[i], float(s)) for i, s in zip(idx, sc, strict=True)]
-            if dataset_classes:
+            if classes:
                 shares = among / max(float(among.sum()), np.finfo(np.float32).tiny)  # as a run's analytics renormalise
-                row.label_set_ranking = [(dataset_classes[i], float(shares[i])) for i in np.argsort(-shares, kind="stable")]
+                row.label_set_ranking = [(classes[i], float(shares[i])) for i in np.argsort(-shares, kind="stable")]
     truths = pa.array([row.ground_truth for row in rows], pa.string())
-    return PreviewResult(rows, time.perf_counter() - began, unmatched_truth(truths, categories), dataset_classes)
+    return PreviewResult(rows, time.perf_counter() - began, unmatched_truth(truths, categories), classes)

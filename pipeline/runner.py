@@ -12,7 +12,7 @@ import signal
 import threading
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TypeVar
 
@@ -228,7 +228,7 @@ def _labelled_inputs(source: Source, limit: int | None, categories: Sequence[str
     the order they are to be predicted."""
     listing = list_images(source)
     if limit is not None:
-        listing.files = listing.sample(limit)
+        listing = replace(listing, files=listing.sample(limit))
     return listing.skipped, in_processing_order(label_inputs(listing, categories))
 
 

@@ -1,7 +1,10 @@
+from dataclasses import replace
+
 import pytest
 
-from pipeline.labels import LabelMapper, folder_of, normalize, wnid_to_index
+from pipeline.labels import LabelMapper, dataset_classes, folder_of, label_inputs, label_set, normalize, wnid_to_index
 from pipeline.models import ModelSpec, describe
+from pipeline.sources import list_images, open_source
 
 IMAGENETTE = {
     "n01440764": ("tench", 0),
@@ -51,3 +54,13 @@ def test_images_at_the_root_have_no_folder():
 
 def test_normalize():
     assert normalize("  English_springer ") == "english springer"
+
+
+def test_a_listings_label_set_is_worked_out_once_and_not_kept_by_a_subset(small_folder):
+    categories = describe(ModelSpec()).categories
+    listing = list_images(open_source(str(small_folder)))
+    classes = dataset_classes(listing, categories)
+    assert classes == label_set(label_inputs(listing, categories), categories) and classes is not None
+    assert dataset_classes(listing, categories) is classes  # kept with the listing: the dashboard previews it again
+    subset = replace(listing, files=listing.files[:1])  # one folder: too few classes for a label set
+    assert dataset_classes(subset, categories) is None
