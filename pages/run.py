@@ -158,17 +158,18 @@ def live_view(run_id: str) -> None:
     m5.metric(f"Top-1{so_far}", widgets.percent(manifest.accuracy.top1))
     if manifest.reason and manifest.status != "complete":
         (st.warning if manifest.status in ("cancelled", "interrupted") else st.error)(manifest.reason)
-    buttons = st.columns([1, 2, 3])  # wide enough for "Open in Analytics" on one line
-    if manifest.status == "running" and buttons[0].button("Cancel", key=f"cancel-{run_id}"):
+    # a complete run has no Cancel or Resume: its link goes first in the row
+    button_column, link_column = st.columns([1, 2, 3])[:2] if manifest.status != "complete" else (None, st.container())
+    if manifest.status == "running" and button_column.button("Cancel", key=f"cancel-{run_id}"):
         runs.request_cancel(path)
         st.toast("Cancelling after the batch in flight…")
-    if manifest.status in ("interrupted", "failed", "cancelled") and buttons[0].button("Resume", key=f"resume-{run_id}"):
+    if manifest.status in ("interrupted", "failed", "cancelled") and button_column.button("Resume", key=f"resume-{run_id}"):
         try:
             launcher.launch_resume(path)
             st.toast("Resuming: only the missing images will be classified")
         except UserError as error:
             st.error(str(error))
-    buttons[1].page_link("pages/analytics.py", label="Open in Analytics", query_params={"run": run_id}, icon=":material/insights:")
+    link_column.page_link("pages/analytics.py", label="Open in Analytics", query_params={"run": run_id}, icon=":material/insights:")
     predictions = widgets.load_predictions(path, manifest)
     if len(predictions):
         figure = charts.label_counts(metrics.label_distribution(predictions, top_n=15), height=440, scope=so_far)
