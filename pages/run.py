@@ -165,7 +165,7 @@ def live_view(run_id: str) -> None:
         st.toast("Cancelling after the batch in flight…")
     if manifest.status in ("interrupted", "failed", "cancelled") and button_column.button("Resume", key=f"resume-{run_id}"):
         try:
-            launcher.launch_resume(path)
+            launcher.launch_resume(path, settings.data)
             st.toast("Resuming: only the missing images will be classified")
         except UserError as error:
             st.error(str(error))

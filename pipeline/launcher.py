@@ -76,12 +76,16 @@ def launch_run(request: RunRequest) -> Launch:
     return Launch(run_id, _spawn(args, log, credentials), log)
 
 
-def launch_resume(path: Path) -> int:
-    """Resume a run in the background; its output goes to the run's launch log."""
+def launch_resume(path: Path, data: str | None = None) -> int:
+    """Resume a run in the background; its output goes to the run's launch log. ``data`` is the dataset
+    as the user gave it (the dashboard's setting): where it is this run's, with keys in it, the resumed
+    run gets those keys as the run did, through its environment (its manifest holds the URI without them)."""
     manifest = runs.read_manifest(path)
     if manifest.status in ("running", "complete"):
         raise UserError(f"run {manifest.run_id} is {manifest.status}; only interrupted, failed or cancelled runs resume")
-    return _spawn(["resume", str(path)], path.parent / runs.LAUNCH_LOGS / f"{manifest.run_id}.log")
+    redacted, credentials = credentials_to_environment(data or "")
+    keys = credentials if redacted == manifest.dataset else None
+    return _spawn(["resume", str(path)], path.parent / runs.LAUNCH_LOGS / f"{manifest.run_id}.log", keys)
 
 
 def launch_failure(out: str | Path, run_id: str) -> str | None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import pyarrow.parquet as pq
@@ -128,3 +129,36 @@ def test_a_launched_run_gets_keys_from_the_uri_through_its_environment_not_its_c
     manifest = json.loads((tmp_path / launched.run_id / "manifest.json").read_text())
     assert manifest["status"] == "complete" and manifest["counts"]["predicted"] == 9
     assert SECRET not in launched.log.read_text()
+
+
+def test_a_run_resumed_from_the_dashboard_gets_the_keys_its_dataset_was_given_with(s3_endpoint, bucket, tmp_path):
+    """The manifest keeps the URI without its keys: resumed from the dashboard, whose dataset setting still
+    holds them, the run gets them again (through its environment), and only for that dataset."""
+    import psutil
+
+    from pipeline import runs
+    from pipeline.launcher import launch_resume
+
+    keyed = f"s3://{KEY_ID}:{SECRET}@images/private"
+    result = run_cli("run", "--data", keyed, "--s3-endpoint", s3_endpoint, "--out", str(tmp_path), "--batch-size", "4")
+    assert result.returncode == 0, result.stderr
+    run_dir = Path(result.stdout.strip().splitlines()[-1])
+
+    def lose_predictions() -> None:  # as if its process had died before it wrote any
+        shutil.rmtree(run_dir / runs.PREDICTIONS, ignore_errors=True)
+        manifest = runs.read_manifest(run_dir)
+        manifest.status, manifest.counts.predicted = "cancelled", 0
+        runs.write_manifest(run_dir, manifest)
+
+    lose_predictions()
+    other = psutil.Process(launch_resume(run_dir, f"s3://{KEY_ID}:{SECRET}@images/public"))  # another dataset: not its keys
+    assert other.environ().get("AWS_SECRET_ACCESS_KEY") != SECRET
+    other.kill()
+    other.wait(timeout=60)
+    lose_predictions()
+    child = psutil.Process(launch_resume(run_dir, keyed))
+    assert child.environ()["AWS_SECRET_ACCESS_KEY"] == SECRET and SECRET not in " ".join(child.cmdline())
+    assert child.wait(timeout=300) == 0
+    manifest = json.loads((run_dir / "manifest.json").read_text())
+    assert manifest["status"] == "complete" and manifest["counts"]["predicted"] == 9 and manifest["resumed"] == 1
+    assert SECRET not in (run_dir.parent / runs.LAUNCH_LOGS / f"{run_dir.name}.log").read_text()
