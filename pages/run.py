@@ -18,6 +18,7 @@ ENGINE_LABELS = {
     "ray": "Ray Data",
     "local": "local processes on this machine, its CPUs or GPUs (no Ray)",
 }
+CLUSTER_ENGINE_LABELS = {**ENGINE_LABELS, "auto": "auto: Ray Data, on the cluster"}
 settings = widgets.current_settings()
 root = widgets.runs_root(settings)
 st.title("Run")
@@ -71,10 +72,11 @@ with st.form("launch"):
     )
     limit = c4.number_input("Limit (0 = all images)", min_value=0, value=0, step=100)
     c5, c6, c7 = st.columns([2, 1, 1])
+    on_cluster = bool(resources and resources["address"] != LOCAL)  # local processes cannot run there
     engine = c5.selectbox(
         "Engine",
-        ENGINES,
-        format_func=ENGINE_LABELS.get,
+        [name for name in ENGINES if name != "local"] if on_cluster else ENGINES,
+        format_func=(CLUSTER_ENGINE_LABELS if on_cluster else ENGINE_LABELS).get,
         help=(
             f"Local worker processes skip Ray's start-up (seconds): auto uses them for up to {LOCAL_MAX_IMAGES:,} images "
             f"on this machine's CPUs and {LOCAL_MAX_IMAGES_ON_GPUS:,} on its GPUs, and Ray Data for bigger runs and clusters."

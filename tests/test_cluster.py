@@ -216,3 +216,21 @@ def test_a_cluster_that_goes_away_ends_the_run_resumably(tmp_path):
     result = run_cli("resume", str(path), "--address", "local", timeout=480)
     assert result.returncode == 0, result.stderr
     assert_exactly_once(path)
+
+
+def test_the_run_page_on_a_cluster_offers_ray_data_only(ray_head, tmp_path, monkeypatch):
+    """Local worker processes cannot run on a cluster: the Run page does not offer them there, and its auto says Ray."""
+    from streamlit.testing.v1 import AppTest
+
+    for name, value in {**CLUSTER_AUTH, "DASHBOARD_RUNS_DIR": str(tmp_path)}.items():
+        monkeypatch.setenv(name, value)
+    monkeypatch.chdir(ROOT)
+    at = AppTest.from_file(str(ROOT / "app.py"), default_timeout=120)
+    at.run()
+    at.switch_page("pages/run.py").run()
+    assert next(s for s in at.selectbox if s.label == "Engine").options[0].startswith("auto: local processes")  # this machine
+    at.sidebar.text_input(key="setting_address").set_value(ray_head).run()
+    engine = next(s for s in at.selectbox if s.label == "Engine")
+    assert engine.options == ["auto: Ray Data, on the cluster", "Ray Data"] and engine.value == "auto"
+    assert any(f"Ray cluster at {ray_head}: 2 CPUs" in caption.value for caption in at.caption)
+    assert not at.exception and not at.error
