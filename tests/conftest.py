@@ -45,6 +45,15 @@ def graph_cache(tmp_path_factory) -> Path:
     return folder
 
 
+@pytest.fixture(autouse=True)
+def main_module_kept():
+    """Streamlit's AppTest leaves the app it ran as ``__main__``: every worker process a later test starts
+    (local workers, as spawned processes do) would import the app again, running the whole dashboard there."""
+    main = sys.modules["__main__"]
+    yield
+    sys.modules["__main__"] = main
+
+
 @pytest.fixture
 def small_folder(tmp_path: Path) -> Path:
     """Three real Imagenette images per class for three classes, in WordNet-id folders."""
