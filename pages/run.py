@@ -78,7 +78,9 @@ with st.form("launch"):
         [name for name in ENGINES if name != "local"] if on_cluster else ENGINES,
         format_func=(CLUSTER_ENGINE_LABELS if on_cluster else ENGINE_LABELS).get,
         help=(
-            f"Local worker processes skip Ray's start-up (seconds): auto uses them for up to {LOCAL_MAX_IMAGES:,} images "
+            "On a cluster, Ray Data's actors run the model on its nodes."
+            if on_cluster
+            else f"Local worker processes skip Ray's start-up (seconds): auto uses them for up to {LOCAL_MAX_IMAGES:,} images "
             f"on this machine's CPUs and {LOCAL_MAX_IMAGES_ON_GPUS:,} on its GPUs, and Ray Data for bigger runs and clusters."
         ),
     )

@@ -232,5 +232,6 @@ def test_the_run_page_on_a_cluster_offers_ray_data_only(ray_head, tmp_path, monk
     at.sidebar.text_input(key="setting_address").set_value(ray_head).run()
     engine = next(s for s in at.selectbox if s.label == "Engine")
     assert engine.options == ["auto: Ray Data, on the cluster", "Ray Data"] and engine.value == "auto"
+    assert engine.help == "On a cluster, Ray Data's actors run the model on its nodes."
     assert any(f"Ray cluster at {ray_head}: 2 CPUs" in caption.value for caption in at.caption)
     assert not at.exception and not at.error
