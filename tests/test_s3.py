@@ -147,7 +147,7 @@ def test_a_run_resumed_from_the_dashboard_gets_the_keys_its_dataset_was_given_wi
     def lose_predictions() -> None:  # as if its process had died before it wrote any
         shutil.rmtree(run_dir / runs.PREDICTIONS, ignore_errors=True)
         manifest = runs.read_manifest(run_dir)
-        manifest.status, manifest.counts.predicted = "cancelled", 0
+        manifest.status, manifest.counts.predicted, manifest.resumed = "cancelled", 0, 0
         runs.write_manifest(run_dir, manifest)
 
     lose_predictions()
