@@ -72,7 +72,7 @@ def launch_run(request: RunRequest) -> Launch:
     for flag, value in optional.items():
         if value is not None:
             args += [flag, str(value)]
-    log = out / runs.LAUNCH_LOGS / f"{run_id}.log"
+    log = runs.launch_log(out, run_id)
     return Launch(run_id, _spawn(args, log, credentials), log)
 
 
@@ -85,12 +85,12 @@ def launch_resume(path: Path, data: str | None = None) -> int:
         raise UserError(f"run {manifest.run_id} is {manifest.status}; only interrupted, failed or cancelled runs resume")
     redacted, credentials = credentials_to_environment(data or "")
     keys = credentials if redacted == manifest.dataset else None
-    return _spawn(["resume", str(path)], path.parent / runs.LAUNCH_LOGS / f"{manifest.run_id}.log", keys)
+    return _spawn(["resume", str(path)], runs.launch_log(path.parent, manifest.run_id), keys)
 
 
 def launch_failure(out: str | Path, run_id: str) -> str | None:
     """Why a launched run never created its folder: the last line its process wrote, if it has exited."""
-    log = Path(out).expanduser().resolve() / runs.LAUNCH_LOGS / f"{run_id}.log"
+    log = runs.launch_log(Path(out).expanduser().resolve(), run_id)
     if not log.is_file():
         return None
     lines = [line for line in log.read_text(errors="replace").splitlines() if line.strip()]

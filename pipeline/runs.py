@@ -299,6 +299,12 @@ def list_runs(runs_dir: str | Path) -> list[tuple[Path, Manifest]]:
     return sorted(runs, key=lambda item: item[1].created_at, reverse=True)
 
 
+def launch_log(runs_dir: Path, run_id: str) -> Path:
+    """Where a run started from the dashboard writes what it prints (beside the run folders, not in one:
+    a run that failed before its folder existed has a log too)."""
+    return runs_dir / LAUNCH_LOGS / f"{run_id}.log"
+
+
 def delete_run(path: str | Path) -> Manifest:
     """Delete a run: its folder (predictions, errors, inputs, manifest) and its launch log. Only a folder with
     a run's manifest is deleted, and a run still running is refused: its process would write on."""
@@ -310,7 +316,7 @@ def delete_run(path: str | Path) -> Manifest:
         shutil.rmtree(path)
     except OSError as error:
         raise UserError(f"cannot delete run {manifest.run_id}: {error.strerror or error}") from error
-    (path.parent / LAUNCH_LOGS / f"{manifest.run_id}.log").unlink(missing_ok=True)
+    launch_log(path.parent, manifest.run_id).unlink(missing_ok=True)
     return manifest
 
 

@@ -161,4 +161,4 @@ def test_a_run_resumed_from_the_dashboard_gets_the_keys_its_dataset_was_given_wi
     assert child.wait(timeout=300) == 0
     manifest = json.loads((run_dir / "manifest.json").read_text())
     assert manifest["status"] == "complete" and manifest["counts"]["predicted"] == 9 and manifest["resumed"] == 1
-    assert SECRET not in (run_dir.parent / runs.LAUNCH_LOGS / f"{run_dir.name}.log").read_text()
+    assert SECRET not in runs.launch_log(run_dir.parent, run_dir.name).read_text()
