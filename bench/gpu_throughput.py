@@ -1,9 +1,9 @@
 """The GPU path, measured on one CUDA GPU: ResNet-152 (by default) end to end against the model's limit.
 
-(bl) ``python -m pipeline run`` as a user types it on one GPU machine (``auto``: local worker processes for
-     up to 500,000 images; ``--engine local`` here, whatever the size): two workers share the GPU, each with
+(bl) ``python -m pipeline run`` as a user types it on one GPU machine (``auto``: local worker processes,
+     whatever the size; ``--engine local`` here): two workers share the GPU, each with
      its share of the CPUs in processes that decode its batches, bf16 + channels_last, batches of 512
-(b)  the same on Ray Data (``--engine ray``: what a cluster runs, and ``auto`` past 500,000 images), with
+(b)  the same on Ray Data (``--engine ray``: what a cluster runs), with
      the defaults it picks on a GPU (two actors sharing it, decoding in CPU tasks that overlap inference);
      also (b2) one actor holding the whole GPU (``--num-gpus 1``) and (b3) three sharing it (``--concurrency 3``)
 (c)  the forward pass as the actor runs it (uint8 crops in host memory → GPU → normalise → top-k),

@@ -10,11 +10,11 @@ from pipeline import charts, launcher, metrics, runs
 from pipeline.cluster import LOCAL
 from pipeline.errors import UserError
 from pipeline.inference import PRECISIONS
-from pipeline.runner import LOCAL_MAX_IMAGES, LOCAL_MAX_IMAGES_ON_GPUS, MAX_TOPK, RunRequest
+from pipeline.runner import LOCAL_MAX_IMAGES, MAX_TOPK, RunRequest
 from pipeline.runs import ENGINES, format_duration
 
 ENGINE_LABELS = {
-    "auto": "auto: local processes for small runs, else Ray Data",
+    "auto": "auto: local processes, or Ray Data for big CPU-only runs",
     "ray": "Ray Data",
     "local": "local processes on this machine, its CPUs or GPUs (no Ray)",
 }
@@ -80,8 +80,8 @@ with st.form("launch"):
         help=(
             "On a cluster, Ray Data's actors run the model on its nodes."
             if on_cluster
-            else f"Local worker processes skip Ray's start-up (seconds): auto uses them for up to {LOCAL_MAX_IMAGES:,} images "
-            f"on this machine's CPUs and {LOCAL_MAX_IMAGES_ON_GPUS:,} on its GPUs, and Ray Data for bigger runs and clusters."
+            else f"Local worker processes skip Ray's start-up (seconds): auto uses them for any run on this machine's GPUs "
+            f"and for up to {LOCAL_MAX_IMAGES:,} images on its CPUs, and Ray Data for bigger CPU runs and clusters."
         ),
     )
     precision = c6.selectbox(

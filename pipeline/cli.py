@@ -19,14 +19,13 @@ from pathlib import Path
 
 from .errors import DEBUG_ENV, UserError, one_line
 from .models import DEFAULT_MODEL, describe, parse_model, registry
-from .runner import LOCAL_MAX_IMAGES, LOCAL_MAX_IMAGES_ON_GPUS, MAX_TOPK
+from .runner import LOCAL_MAX_IMAGES, MAX_TOPK
 from .runs import ENGINES, delete_run, format_duration, list_runs, read_manifest
 from .sources import SAMPLE_DATA, list_images, open_source
 
 ENGINE_HELP = (
     "what runs the model: ray (Ray Data), local (worker processes on this machine, its CPUs or GPUs, no Ray start-up), "
-    f"or auto (default: local for up to {LOCAL_MAX_IMAGES:,} images on this machine's CPUs, {LOCAL_MAX_IMAGES_ON_GPUS:,} on its GPUs, "
-    "else ray)"
+    f"or auto (default: local on this machine's GPUs, or for up to {LOCAL_MAX_IMAGES:,} images on its CPUs; else ray)"
 )
 
 
