@@ -42,16 +42,17 @@ def write_run_folder(runs_dir, run_id: str, status: str = "complete"):
     manifest = Manifest(run_id, "/data", {"name": "m"}, RunParams(None, None, None, None, None, None), status=status)
     manifest.claim()  # this process: a "running" run is then really running
     runs.write_manifest(path, manifest)
-    (runs_dir / runs.LAUNCH_LOGS).mkdir(exist_ok=True)
-    (runs_dir / runs.LAUNCH_LOGS / f"{run_id}.log").write_text("progress\n")
+    log = runs.launch_log(runs_dir, run_id)
+    log.parent.mkdir(exist_ok=True)
+    log.write_text("progress\n")
     return path
 
 
 def test_deleting_a_run_removes_its_folder_and_launch_log_and_nothing_else(tmp_path):
     gone, kept = write_run_folder(tmp_path, "r1"), write_run_folder(tmp_path, "r2", status="cancelled")
     assert runs.delete_run(gone).run_id == "r1"
-    assert not gone.exists() and not (tmp_path / runs.LAUNCH_LOGS / "r1.log").exists()
-    assert (kept / runs.MANIFEST).is_file() and (tmp_path / runs.LAUNCH_LOGS / "r2.log").is_file()
+    assert not gone.exists() and not runs.launch_log(tmp_path, "r1").exists()
+    assert (kept / runs.MANIFEST).is_file() and runs.launch_log(tmp_path, "r2").is_file()
     assert [m.run_id for _, m in runs.list_runs(tmp_path)] == ["r2"]
 
 
